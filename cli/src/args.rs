@@ -1,0 +1,156 @@
+//! Command-line flags (clap derive). Flags become a [`nvmm_vmm::VmConfig`] here and nowhere else.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use nvmm_vmm::{ConsoleConfig, CpuidPolicy, DEFAULT_MEM_MIB, VmConfig};
+
+/// Run NixOS configurations, or any Linux kernel, as microVMs on KVM.
+#[derive(Debug, Parser)]
+#[command(name = "nvmm", version, propagate_version = true)]
+pub struct Cli {
+    /// More log output on stderr: -v info (boot steps, guest debug port), -vv debug, -vvv trace.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Only errors on stderr.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+impl Cli {
+    /// The log level the flags ask for.
+    pub fn verbosity(&self) -> log::LevelFilter {
+        if self.quiet {
+            return log::LevelFilter::Error;
+        }
+        match self.verbose {
+            0 => log::LevelFilter::Warn,
+            1 => log::LevelFilter::Info,
+            2 => log::LevelFilter::Debug,
+            _ => log::LevelFilter::Trace,
+        }
+    }
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a kernel with the console in this terminal (Ctrl-A x quits).
+    Run(RunArgs),
+    /// Check this host (KVM, networking, nix) and boot nvmm's built-in test guest.
+    Doctor(DoctorArgs),
+}
+
+/// `nvmm run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Kernel image: ELF vmlinux or bzImage.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Extra kernel command line, appended to nvmm's defaults.
+    #[arg(long, value_name = "STR", default_value = "")]
+    pub cmdline: String,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = DEFAULT_MEM_MIB)]
+    pub mem: u64,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=i64::from(nvmm_vmm::kvm::MAX_VCPUS)))]
+    pub cpus: u8,
+    /// CPU features to hide from the guest (comma-separated).
+    #[arg(long, value_name = "FEATURE", value_delimiter = ',')]
+    pub cpu_hide: Vec<HiddenCpuFeature>,
+}
+
+/// CPU features `--cpu-hide` can hide.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum HiddenCpuFeature {
+    /// CMPXCHG16B.
+    Cx16,
+    /// XSAVE and everything that needs it (AVX, AVX2, AVX-512).
+    Xsave,
+}
+
+impl RunArgs {
+    /// The VM these flags describe.
+    pub fn vm_config(&self) -> VmConfig {
+        VmConfig {
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            cmdline: self.cmdline.clone(),
+            mem_mib: self.mem,
+            vcpus: self.cpus,
+            cpuid: CpuidPolicy {
+                hide_cx16: self.cpu_hide.contains(&HiddenCpuFeature::Cx16),
+                hide_xsave: self.cpu_hide.contains(&HiddenCpuFeature::Xsave),
+            },
+            console: ConsoleConfig {
+                stdin: true,
+                escape: true,
+            },
+        }
+    }
+}
+
+/// `nvmm doctor`.
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn flags_become_a_vm_config() {
+        let cli = Cli::try_parse_from([
+            "nvmm",
+            "run",
+            "--kernel",
+            "k",
+            "--initrd",
+            "i",
+            "--cmdline",
+            "quiet",
+            "--mem",
+            "64",
+            "--cpus",
+            "3",
+            "--cpu-hide",
+            "cx16,xsave",
+            "-vv",
+        ])
+        .unwrap();
+        assert_eq!(cli.verbosity(), log::LevelFilter::Debug);
+        let Command::Run(run) = cli.command else {
+            panic!("expected run")
+        };
+        let config = run.vm_config();
+        assert_eq!(config.kernel, PathBuf::from("k"));
+        assert_eq!(config.initrd, Some(PathBuf::from("i")));
+        assert_eq!((config.mem_mib, config.vcpus), (64, 3));
+        assert!(config.cpuid.hide_cx16 && config.cpuid.hide_xsave);
+    }
+
+    #[test]
+    fn cpu_count_is_range_checked() {
+        for bad in ["0", "255", "-1", "many"] {
+            assert!(Cli::try_parse_from(["nvmm", "run", "--kernel", "k", "--cpus", bad]).is_err());
+        }
+    }
+
+    #[test]
+    fn command_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

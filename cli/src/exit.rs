@@ -1,0 +1,186 @@
+//! Turning results into what the user sees: one `error:` line (the whole cause chain), one
+//! `hint:` line, and an exit code.
+//!
+//! Exit codes: 0 the VM ended normally (power-off, reset, Ctrl-A x) or the command succeeded;
+//! 1 nvmm could not do what was asked; 2 bad command-line usage (clap); 3 the guest crashed
+//! (triple fault, KVM emulation failure); 128 + N stopped by signal N.
+
+use std::process::ExitCode;
+
+use nvmm_vmm::boot::BootError;
+use nvmm_vmm::kvm::KvmError;
+use nvmm_vmm::vcpu::GuestFault;
+use nvmm_vmm::{ConfigError, VmExit};
+
+/// Generic failure.
+pub const EXIT_ERROR: u8 = 1;
+/// The guest crashed.
+pub const EXIT_GUEST_FAILED: u8 = 3;
+
+/// Errors of the nvmm command.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The VMM failed.
+    #[error(transparent)]
+    Vmm(#[from] nvmm_vmm::Error),
+    /// Raw mode could not be set.
+    #[error("cannot put the terminal in raw mode")]
+    Terminal(#[source] std::io::Error),
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers")]
+    Signals(#[source] std::io::Error),
+    /// Writing the report failed.
+    #[error("cannot write to stdout")]
+    Stdout(#[source] std::io::Error),
+}
+
+/// What a successful command did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A VM ran and ended this way.
+    Vm(VmExit),
+    /// A command finished; `true` if everything it checked passed.
+    Done(bool),
+}
+
+/// Prints the outcome or the error and returns the process exit code.
+pub fn report(result: Result<Outcome, CliError>) -> ExitCode {
+    match result {
+        Ok(Outcome::Vm(exit)) => {
+            let code = match exit {
+                VmExit::PowerOff => 0,
+                VmExit::Reset => {
+                    eprintln!("nvmm: guest requested reset; the VM has ended");
+                    0
+                }
+                VmExit::Quit => 0,
+                VmExit::Signal(signal) => {
+                    log::info!("stopped by signal {signal}");
+                    128u8.wrapping_add(signal as u8)
+                }
+            };
+            ExitCode::from(code)
+        }
+        Ok(Outcome::Done(true)) => ExitCode::SUCCESS,
+        Ok(Outcome::Done(false)) => ExitCode::from(EXIT_ERROR),
+        Err(err) => {
+            eprintln!("error: {}", error_chain(&err));
+            if let Some(hint) = hint(&err) {
+                eprintln!("hint: {hint}");
+            }
+            ExitCode::from(exit_code(&err))
+        }
+    }
+}
+
+/// "outer: cause: root cause" on one line.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // Transparent wrappers repeat their inner message; print each message once.
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+fn exit_code(err: &CliError) -> u8 {
+    match err {
+        CliError::Vmm(nvmm_vmm::Error::Guest(_)) => EXIT_GUEST_FAILED,
+        _ => EXIT_ERROR,
+    }
+}
+
+fn hint(err: &CliError) -> Option<String> {
+    let CliError::Vmm(err) = err else {
+        return None;
+    };
+    let hint = match err {
+        nvmm_vmm::Error::Kvm(KvmError::OpenKvm(e)) => match e.errno() {
+            libc::ENOENT | libc::ENXIO | libc::ENODEV => {
+                "KVM is not available: enable virtualization in the firmware and load the \
+                 kvm_intel or kvm_amd module (`nvmm doctor` checks this host)"
+                    .into()
+            }
+            libc::EACCES | libc::EPERM => {
+                "you may not open /dev/kvm: add yourself to the kvm group \
+                 (`sudo usermod -aG kvm $USER`, then log in again) or run as root"
+                    .into()
+            }
+            _ => "run `nvmm doctor` to check this host's KVM".into(),
+        },
+        nvmm_vmm::Error::Kvm(KvmError::TooManyVcpus { max, .. }) => {
+            format!("choose --cpus between 1 and {max}")
+        }
+        nvmm_vmm::Error::Kvm(KvmError::AllocateMemory { .. }) => {
+            "choose a smaller --mem or free memory on the host".into()
+        }
+        nvmm_vmm::Error::Config(ConfigError::MemoryTooSmall(_)) => {
+            format!("choose --mem {} or more", nvmm_vmm::MIN_MEM_MIB)
+        }
+        nvmm_vmm::Error::Config(ConfigError::MemoryExceedsHost { host, .. }) => {
+            format!("choose --mem below {host}")
+        }
+        nvmm_vmm::Error::Boot(boot) => match boot {
+            BootError::ReadKernel { .. } => "check the path given to --kernel".into(),
+            BootError::UnknownKernelFormat(_) | BootError::LoadKernel { .. } => {
+                "--kernel takes an x86_64 ELF vmlinux or a bzImage (vmlinuz)".into()
+            }
+            BootError::NoLongModeEntry(_) => "use a 64-bit kernel (Linux 3.x or newer)".into(),
+            BootError::ReadInitrd { .. } => "check the path given to --initrd".into(),
+            BootError::InitrdTooLarge { size, .. } => format!(
+                "give the VM more memory, e.g. --mem {}",
+                (size >> 20) * 2 + 64
+            ),
+            BootError::CmdlineTooLong { .. } | BootError::InvalidCmdline(_) => {
+                "shorten --cmdline (nvmm adds its own defaults first)".into()
+            }
+            _ => return None,
+        },
+        nvmm_vmm::Error::Guest(GuestFault::InternalError { .. }) if nvmm_vmm::kvm::is_kvm_pvm() => {
+            "this host's KVM is kvm-pvm (software, nested): stock Linux kernels cannot run \
+             here; nvmm's own test guest can (`nvmm doctor`)"
+                .into()
+        }
+        nvmm_vmm::Error::Guest(GuestFault::InternalError { .. }) => {
+            "the guest ran an instruction KVM could not emulate; try --cpu-hide cx16,xsave".into()
+        }
+        nvmm_vmm::Error::Guest(_) => {
+            "the guest crashed; run with -v to see more, and check that the kernel is a 64-bit \
+             x86 kernel"
+                .into()
+        }
+        _ => return None,
+    };
+    Some(hint)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn chain_is_one_line() {
+        let err = Outer(std::io::Error::from_raw_os_error(libc::ENOENT));
+        assert_eq!(
+            error_chain(&err),
+            "outer: No such file or directory (os error 2)"
+        );
+    }
+
+    #[test]
+    fn guest_faults_exit_3() {
+        let err = CliError::Vmm(nvmm_vmm::Error::Guest(GuestFault::TripleFault { vcpu: 0 }));
+        assert_eq!(exit_code(&err), EXIT_GUEST_FAILED);
+        assert!(hint(&err).is_some());
+    }
+}

@@ -1,0 +1,24 @@
+//! `nvmm`: run NixOS configurations (and any Linux kernel) as local microVMs on KVM.
+
+mod args;
+mod doctor;
+mod exit;
+mod logger;
+mod run;
+mod terminal;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let started = nvmm_vmm::mark_process_start();
+    let cli = args::Cli::parse();
+    logger::init(cli.verbosity(), started);
+    terminal::install_panic_hook();
+    let result = match cli.command {
+        args::Command::Run(run) => run::run(&run),
+        args::Command::Doctor(doctor) => doctor::doctor(&doctor),
+    };
+    exit::report(result)
+}

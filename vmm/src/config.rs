@@ -1,0 +1,69 @@
+//! The VM description: plain data, no CLI types. `nvmm` turns its flags into a [`VmConfig`].
+
+use std::path::PathBuf;
+
+/// Everything needed to build and boot one VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Kernel image: an ELF vmlinux (64-bit entry) or a bzImage.
+    pub kernel: PathBuf,
+    /// Optional initial ramdisk, loaded high in guest memory.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line appended after nvmm's own defaults
+    /// ([`crate::boot::DEFAULT_CMDLINE`]).
+    pub cmdline: String,
+    /// Guest RAM in MiB.
+    pub mem_mib: u64,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// CPU features hidden from the guest.
+    pub cpuid: CpuidPolicy,
+    /// Where the guest console meets the host.
+    pub console: ConsoleConfig,
+}
+
+/// Default guest memory.
+pub const DEFAULT_MEM_MIB: u64 = 512;
+
+impl VmConfig {
+    /// A VM with default memory, one vCPU and no initrd.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        Self {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: String::new(),
+            mem_mib: DEFAULT_MEM_MIB,
+            vcpus: 1,
+            cpuid: CpuidPolicy::default(),
+            console: ConsoleConfig::default(),
+        }
+    }
+}
+
+/// CPUID features that can be hidden from the guest, like a Firecracker CPU template. All off by
+/// default: the guest sees what KVM supports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuidPolicy {
+    /// Hide `CMPXCHG16B` (CPUID.1:ECX.CX16).
+    pub hide_cx16: bool,
+    /// Hide XSAVE, OSXSAVE, AVX and the XSAVE leaf 0xD.
+    pub hide_xsave: bool,
+}
+
+/// How the guest's serial console is connected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConsoleConfig {
+    /// Feed the host's stdin into the guest's serial port.
+    pub stdin: bool,
+    /// Interpret `Ctrl-A x` (quit) and `Ctrl-A Ctrl-A` (send one Ctrl-A) in the input.
+    pub escape: bool,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        Self {
+            stdin: true,
+            escape: true,
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! KVM itself: opening /dev/kvm, guest memory, and a VM with the in-kernel irqchip and PIT.
+
+use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::layout;
+
+/// The KVM API version every kernel since 2.6.22 reports.
+const KVM_API_VERSION: i32 = 12;
+/// APIC IDs are 8 bits in the MADT entries nvmm writes, and 0xff is the broadcast ID.
+pub const MAX_VCPUS: u8 = 254;
+
+/// Errors from KVM setup.
+#[derive(Debug, thiserror::Error)]
+pub enum KvmError {
+    /// /dev/kvm could not be opened.
+    #[error("cannot open /dev/kvm")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// Unexpected API version.
+    #[error("/dev/kvm reports API version {0}, nvmm needs {KVM_API_VERSION}")]
+    ApiVersion(i32),
+    /// More vCPUs than KVM or the MADT allow.
+    #[error("{requested} vCPUs requested; this host allows at most {max}")]
+    TooManyVcpus {
+        /// Requested count.
+        requested: u8,
+        /// Limit.
+        max: usize,
+    },
+    /// mmap of guest RAM failed.
+    #[error("cannot allocate {mib} MiB of guest memory")]
+    AllocateMemory {
+        /// Size requested.
+        mib: u64,
+        /// Why.
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    /// A VM-level ioctl failed.
+    #[error("cannot {0}")]
+    Setup(&'static str, #[source] kvm_ioctls::Error),
+}
+
+/// Opens /dev/kvm and checks its API version.
+pub fn open_kvm() -> Result<Kvm, KvmError> {
+    let kvm = Kvm::new().map_err(KvmError::OpenKvm)?;
+    let version = kvm.get_api_version();
+    if version != KVM_API_VERSION {
+        return Err(KvmError::ApiVersion(version));
+    }
+    Ok(kvm)
+}
+
+/// Checks `vcpus` against KVM's limit and the MADT's.
+pub fn check_vcpu_count(kvm: &Kvm, vcpus: u8) -> Result<(), KvmError> {
+    let max = kvm.get_max_vcpus().min(usize::from(MAX_VCPUS));
+    if usize::from(vcpus) > max {
+        return Err(KvmError::TooManyVcpus {
+            requested: vcpus,
+            max,
+        });
+    }
+    Ok(())
+}
+
+/// Maps guest RAM (anonymous, MAP_NORESERVE: pages are only allocated when touched).
+pub fn create_guest_memory(mem_mib: u64) -> Result<GuestMemoryMmap, KvmError> {
+    let regions: Vec<(GuestAddress, usize)> = layout::ram_regions(mem_mib << 20)
+        .into_iter()
+        .map(|(addr, len)| (addr, len as usize))
+        .collect();
+    GuestMemoryMmap::from_ranges(&regions).map_err(|source| KvmError::AllocateMemory {
+        mib: mem_mib,
+        source,
+    })
+}
+
+/// Creates the VM: TSS, in-kernel IOAPIC/PIC/LAPIC, PIT, and one memory slot per RAM region.
+pub fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, KvmError> {
+    let vm = kvm
+        .create_vm()
+        .map_err(|e| KvmError::Setup("create the VM", e))?;
+    vm.set_tss_address(layout::KVM_TSS_START as usize)
+        .map_err(|e| KvmError::Setup("set the TSS address", e))?;
+    vm.create_irq_chip()
+        .map_err(|e| KvmError::Setup("create the in-kernel irqchip", e))?;
+    // The speaker port (0x61) is emulated as a dummy so PIT calibration in guests works.
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit)
+        .map_err(|e| KvmError::Setup("create the in-kernel PIT", e))?;
+    for (slot, region) in mem.iter().enumerate() {
+        let region_info = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mapping of exactly `memory_size` bytes owned by `mem`,
+        // which the caller keeps alive (in `Vm`) for as long as the VM fd exists; slots do not
+        // overlap because the regions come from a GuestMemoryMmap.
+        unsafe { vm.set_user_memory_region(region_info) }
+            .map_err(|e| KvmError::Setup("register guest memory with KVM", e))?;
+    }
+    Ok(vm)
+}
+
+/// True when /dev/kvm is kvm-pvm: a software, pagetable-based KVM that runs nested without
+/// VMX/SVM. Stock Linux kernels cannot boot there (see ENVIRONMENT notes in the README).
+pub fn is_kvm_pvm() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
+}
