@@ -5,14 +5,15 @@
 //! [`nvmm_devices::legacy::AcpiPowerRegisters`]. The MADT lists one local APIC per vCPU and the
 //! IOAPIC; the DSDT describes COM1. Later devices (virtio-mmio) are added to the DSDT here.
 
-use acpi_tables::Aml;
-use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
-use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, MADT, ProcessorLocalApic};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, MADT, ProcessorLocalApic,
+};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
+use acpi_tables::{Aml, aml};
 use nvmm_devices::legacy::{AcpiPowerRegisters, RESET_VALUE, S5_SLEEP_TYPE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -60,7 +61,12 @@ fn dsdt() -> Sdt {
     let mut body = Vec::new();
     aml::Name::new("_S5_".into(), &aml::Package::new(vec![&S5_SLEEP_TYPE])).to_aml_bytes(&mut body);
 
-    let com1_io = aml::IO::new(ports::COM1 as u16, ports::COM1 as u16, 1, ports::COM1_LEN as u8);
+    let com1_io = aml::IO::new(
+        ports::COM1 as u16,
+        ports::COM1 as u16,
+        1,
+        ports::COM1_LEN as u8,
+    );
     let com1_irq = aml::Interrupt::new(true, true, false, false, irqs::COM1);
     let com1_resources = aml::ResourceTemplate::new(vec![&com1_io, &com1_irq]);
     let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));

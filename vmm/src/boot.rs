@@ -259,7 +259,9 @@ pub fn build_cmdline(kernel: &LoadedKernel, extra: &str) -> Result<Cmdline, Boot
         });
     }
     let mut cmdline = Cmdline::new(capacity).map_err(BootError::InvalidCmdline)?;
-    cmdline.insert_str(&full).map_err(BootError::InvalidCmdline)?;
+    cmdline
+        .insert_str(&full)
+        .map_err(BootError::InvalidCmdline)?;
     Ok(cmdline)
 }
 
@@ -445,9 +447,15 @@ mod tests {
             addr: GuestAddress(0x300_0000),
             size: 123,
         };
-        let entry =
-            write_boot_params(&mem, &kernel, &cmdline, Some(initrd), 64 << 20, GuestAddress(0xe0000))
-                .unwrap();
+        let entry = write_boot_params(
+            &mem,
+            &kernel,
+            &cmdline,
+            Some(initrd),
+            64 << 20,
+            GuestAddress(0xe0000),
+        )
+        .unwrap();
         assert_eq!(entry.entry, GuestAddress(0x20_0000));
         let zp = entry.boot_params.0;
         let read_u32 = |off: u64| mem.read_obj::<u32>(GuestAddress(zp + off)).unwrap();
@@ -455,11 +463,19 @@ mod tests {
         assert_eq!(read_u32(0x228), layout::CMDLINE_START as u32);
         assert_eq!(read_u32(0x218), 0x300_0000);
         assert_eq!(read_u32(0x21c), 123);
-        assert_eq!(mem.read_obj::<u64>(GuestAddress(zp + 0x70)).unwrap(), 0xe0000);
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(zp + 0x70)).unwrap(),
+            0xe0000
+        );
         assert_eq!(mem.read_obj::<u8>(GuestAddress(zp + 0x1e8)).unwrap(), 3);
         let mut text = vec![0u8; cmdline.as_cstring().unwrap().as_bytes().len()];
-        mem.read_slice(&mut text, GuestAddress(layout::CMDLINE_START)).unwrap();
-        assert!(String::from_utf8(text).unwrap().ends_with("nvmm_test=hello"));
+        mem.read_slice(&mut text, GuestAddress(layout::CMDLINE_START))
+            .unwrap();
+        assert!(
+            String::from_utf8(text)
+                .unwrap()
+                .ends_with("nvmm_test=hello")
+        );
     }
 
     #[test]

@@ -193,7 +193,11 @@ impl ConsoleInput {
             return;
         }
         let event = Events::with_data_raw(self.input, STDIN_READY, EventSet::IN);
-        let result = if want { ops.add(event) } else { ops.remove(event) };
+        let result = if want {
+            ops.add(event)
+        } else {
+            ops.remove(event)
+        };
         match result {
             Ok(()) => self.polling_input = want,
             Err(err) => {
@@ -210,7 +214,9 @@ impl MutEventSubscriber for ConsoleInput {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
             STDIN_READY => {
-                if events.event_set().intersects(EventSet::HANG_UP | EventSet::ERROR)
+                if events
+                    .event_set()
+                    .intersects(EventSet::HANG_UP | EventSet::ERROR)
                     && !events.event_set().contains(EventSet::IN)
                 {
                     self.input_closed = true;
@@ -250,7 +256,10 @@ mod tests {
     #[test]
     fn plain_bytes_pass_through() {
         let mut p = EscapeParser::default();
-        assert_eq!(parse(&mut p, b"ls -l\r\x03"), (b"ls -l\r\x03".to_vec(), None));
+        assert_eq!(
+            parse(&mut p, b"ls -l\r\x03"),
+            (b"ls -l\r\x03".to_vec(), None)
+        );
     }
 
     #[test]

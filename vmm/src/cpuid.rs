@@ -18,8 +18,15 @@ const ECX_AVX: u32 = 1 << 28;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
 /// Leaf 7 EBX features that need XSAVE-managed state: AVX2 and the AVX-512 family.
-const LEAF7_EBX_XSAVE_DEPENDENT: u32 =
-    (1 << 5) | (1 << 16) | (1 << 17) | (1 << 21) | (1 << 26) | (1 << 27) | (1 << 28) | (1 << 30) | (1 << 31);
+const LEAF7_EBX_XSAVE_DEPENDENT: u32 = (1 << 5)
+    | (1 << 16)
+    | (1 << 17)
+    | (1 << 21)
+    | (1 << 26)
+    | (1 << 27)
+    | (1 << 28)
+    | (1 << 30)
+    | (1 << 31);
 
 const TOPOLOGY_LEVEL_SMT: u32 = 1;
 const TOPOLOGY_LEVEL_CORE: u32 = 2;
@@ -151,7 +158,10 @@ mod tests {
         };
         let cpuid = vcpu_cpuid(&table(), 0, 1, policy);
         let leaf1 = find(&cpuid, LEAF_FEATURES, 0);
-        assert_eq!(leaf1.ecx & (ECX_CX16 | ECX_XSAVE | ECX_OSXSAVE | ECX_AVX), 0);
+        assert_eq!(
+            leaf1.ecx & (ECX_CX16 | ECX_XSAVE | ECX_OSXSAVE | ECX_AVX),
+            0
+        );
         assert_eq!(leaf1.edx & EDX_HTT, 0, "one vCPU: no HTT");
         assert_eq!(find(&cpuid, LEAF_EXTENDED_FEATURES, 0).ebx & (1 << 5), 0);
         let xsave = find(&cpuid, LEAF_XSAVE, 0);

@@ -146,8 +146,16 @@ mod tests {
             e820_map(512 * MIB),
             vec![
                 (0, EBDA_START, E820Kind::Ram),
-                (EBDA_START, HIGH_MEMORY_START - EBDA_START, E820Kind::Reserved),
-                (HIGH_MEMORY_START, 512 * MIB - HIGH_MEMORY_START, E820Kind::Ram),
+                (
+                    EBDA_START,
+                    HIGH_MEMORY_START - EBDA_START,
+                    E820Kind::Reserved
+                ),
+                (
+                    HIGH_MEMORY_START,
+                    512 * MIB - HIGH_MEMORY_START,
+                    E820Kind::Ram
+                ),
             ]
         );
     }
@@ -157,10 +165,7 @@ mod tests {
         let regions = ram_regions(4 * GIB);
         assert_eq!(
             regions,
-            vec![
-                (GuestAddress(0), 3 * GIB),
-                (GuestAddress(4 * GIB), GIB)
-            ]
+            vec![(GuestAddress(0), 3 * GIB), (GuestAddress(4 * GIB), GIB)]
         );
         let map = e820_map(4 * GIB);
         assert_eq!(map.last(), Some(&(4 * GIB, GIB, E820Kind::Ram)));
@@ -172,5 +177,4 @@ mod tests {
         assert_eq!(ram, 4 * GIB - (HIGH_MEMORY_START - EBDA_START));
         assert_eq!(low_ram_end(4 * GIB), MMIO_HOLE_START);
     }
-
 }

@@ -147,8 +147,7 @@ pub fn build_and_boot(config: &VmConfig) -> Result<Vm, Error> {
     let mem = kvm::create_guest_memory(config.mem_mib)?;
     let vm = kvm::create_vm(&kvm, &mem)?;
     let vcpu_fds = create_vcpus(&vm, config.vcpus)?;
-    let devices =
-        device_manager::attach_legacy_devices(&vm, Box::new(RawStdout), process_start)?;
+    let devices = device_manager::attach_legacy_devices(&vm, Box::new(RawStdout), process_start)?;
 
     let kernel = boot::load_kernel(&mem, &config.kernel)?;
     let initrd = match &config.initrd {
@@ -187,7 +186,10 @@ pub fn build_and_boot(config: &VmConfig) -> Result<Vm, Error> {
         config.mem_mib,
         config.vcpus,
         if config.vcpus == 1 { "" } else { "s" },
-        cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
+        cmdline
+            .as_cstring()
+            .map(|c| c.to_string_lossy().into_owned())
+            .unwrap_or_default()
     );
     Vm::start(kvm, vm, mem, vcpus, devices.events, config.console)
 }
@@ -386,8 +388,7 @@ impl Vm {
             stop: stop_handle.clone(),
             outcome: None,
         }));
-        let mut event_manager =
-            EventManager::<Subscriber>::new().map_err(Error::EventLoop)?;
+        let mut event_manager = EventManager::<Subscriber>::new().map_err(Error::EventLoop)?;
         event_manager.add_subscriber(monitor.clone());
         if console.stdin {
             let input = ConsoleInput::new(
@@ -401,11 +402,9 @@ impl Vm {
         }
 
         // SAFETY: the handler is empty, which is trivially async-signal-safe.
-        register_signal_handler(SIGRTMIN(), kick_handler).map_err(|e| {
-            VcpuError::SpawnThread {
-                vcpu: 0,
-                source: std::io::Error::from_raw_os_error(e.errno()),
-            }
+        register_signal_handler(SIGRTMIN(), kick_handler).map_err(|e| VcpuError::SpawnThread {
+            vcpu: 0,
+            source: std::io::Error::from_raw_os_error(e.errno()),
         })?;
         let stop_vcpus = Arc::new(AtomicBool::new(false));
         let mut running = Vm {
@@ -480,7 +479,9 @@ impl Drop for Vm {
 }
 
 fn lock<T: ?Sized>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn spawn_vcpu(

@@ -199,10 +199,7 @@ impl Vcpu {
             ..Default::default()
         };
         self.fd.set_fpu(&fpu).map_err(setup_err("set FPU", index))?;
-        let mut lapic = self
-            .fd
-            .get_lapic()
-            .map_err(setup_err("get LAPIC", index))?;
+        let mut lapic = self.fd.get_lapic().map_err(setup_err("get LAPIC", index))?;
         // LINT0 delivers the PIC's interrupts (ExtINT), LINT1 NMIs, as a BIOS leaves them.
         set_delivery_mode(&mut lapic, APIC_LVT0, APIC_DELIVERY_MODE_EXTINT);
         set_delivery_mode(&mut lapic, APIC_LVT1, APIC_DELIVERY_MODE_NMI);
@@ -360,8 +357,7 @@ fn lapic_bytes(lapic: &mut kvm_lapic_state) -> &mut [u8] {
 /// Decodes a GDT descriptor into the segment KVM loads.
 pub fn segment_from_gdt(entry: u64, index: u16) -> kvm_segment {
     let bits = |shift: u32, width: u32| ((entry >> shift) & ((1 << width) - 1)) as u8;
-    let base =
-        ((entry >> 16) & 0x00ff_ffff) | (((entry >> 56) & 0xff) << 24);
+    let base = ((entry >> 16) & 0x00ff_ffff) | (((entry >> 56) & 0xff) << 24);
     let raw_limit = ((entry & 0xffff) | (((entry >> 48) & 0xf) << 16)) as u32;
     let granular = bits(55, 1);
     let limit = if granular == 1 {
@@ -517,8 +513,15 @@ mod tests {
     #[test]
     fn system_events_map_to_outcomes() {
         let (io, _) = peripherals();
-        let power = handle_kvm_exit(&io, 0, Ok(VcpuExit::SystemEvent(SYSTEM_EVENT_SHUTDOWN, &[])));
-        assert!(matches!(power, Ok(VcpuEmulation::Stop(VcpuOutcome::PowerOff))));
+        let power = handle_kvm_exit(
+            &io,
+            0,
+            Ok(VcpuExit::SystemEvent(SYSTEM_EVENT_SHUTDOWN, &[])),
+        );
+        assert!(matches!(
+            power,
+            Ok(VcpuEmulation::Stop(VcpuOutcome::PowerOff))
+        ));
         let reset = handle_kvm_exit(&io, 0, Ok(VcpuExit::SystemEvent(SYSTEM_EVENT_RESET, &[])));
         assert!(matches!(reset, Ok(VcpuEmulation::Stop(VcpuOutcome::Reset))));
     }
@@ -542,7 +545,10 @@ mod tests {
     fn boot_segments_decode() {
         let code = segment_from_gdt(BOOT_GDT[1], 1);
         assert_eq!((code.selector, code.l, code.db, code.present), (8, 1, 0, 1));
-        assert_eq!((code.type_, code.s, code.g, code.limit), (0xb, 1, 1, 0xffff_ffff));
+        assert_eq!(
+            (code.type_, code.s, code.g, code.limit),
+            (0xb, 1, 1, 0xffff_ffff)
+        );
         let tss = segment_from_gdt(BOOT_GDT[3], 3);
         assert_eq!((tss.selector, tss.s, tss.type_), (0x18, 0, 0xb));
     }
