@@ -10,6 +10,10 @@ pub fn run(args: &RunArgs) -> Result<Outcome, CliError> {
     let vm = nvmm_vmm::build_and_boot(&config)?;
     terminal::stop_on_signals(vm.stop_handle()).map_err(CliError::Signals)?;
     let _raw = RawTerminal::enter().map_err(CliError::Terminal)?;
+    // Lets tests prove the panic path restores the terminal; never set in normal use.
+    if std::env::var_os("NVMM_TEST_PANIC_AFTER_BOOT").is_some() {
+        panic!("panic injected by NVMM_TEST_PANIC_AFTER_BOOT");
+    }
     let exit = vm.run_until_exit()?;
     Ok(Outcome::Vm(exit))
 }

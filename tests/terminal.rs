@@ -1,0 +1,260 @@
+//! The terminal is put in raw mode while a guest runs and restored on every exit path. Each test
+//! runs nvmm on a pseudo-terminal and compares its settings before, during and after.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+struct Pty {
+    master: File,
+    slave: OwnedFd,
+}
+
+fn open_pty() -> Pty {
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes two fds into the provided ints; name, termios and winsize may be
+    // null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: openpty returned two fresh fds that nothing else owns.
+    unsafe {
+        Pty {
+            master: File::from_raw_fd(master),
+            slave: OwnedFd::from_raw_fd(slave),
+        }
+    }
+}
+
+/// The parts of termios raw mode changes, comparable.
+fn settings(fd: &OwnedFd) -> (u32, u32, u32, u32, Vec<u8>) {
+    // SAFETY: termios is plain data and tcgetattr fills it.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: `t` is valid and writable; `fd` is an open terminal.
+    assert_eq!(unsafe { libc::tcgetattr(fd.as_raw_fd(), &mut t) }, 0);
+    (t.c_iflag, t.c_oflag, t.c_cflag, t.c_lflag, t.c_cc.to_vec())
+}
+
+fn is_raw(fd: &OwnedFd) -> bool {
+    settings(fd).3 & (libc::ICANON | libc::ECHO) as u32 == 0
+}
+
+/// Starts nvmm on the pty and collects what it writes to the master side.
+fn start(pty: &Pty, scenario: &str, env: &[(&str, &str)]) -> (Child, Arc<Mutex<String>>) {
+    let stdio = || Stdio::from(pty.slave.try_clone().unwrap());
+    let mut cmd = guest_command(&format!("nvmm_test={scenario}"), &[]);
+    cmd.stdin(stdio()).stdout(stdio()).stderr(stdio());
+    for (key, value) in env {
+        cmd.env(key, value);
+    }
+    let child = cmd.spawn().unwrap();
+    let screen = Arc::new(Mutex::new(String::new()));
+    let mut master = pty.master.try_clone().unwrap();
+    let sink = screen.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1024];
+        // Ends with EIO once every slave fd is closed.
+        while let Ok(n) = master.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    (child, screen)
+}
+
+fn wait_for(screen: &Arc<Mutex<String>>, needle: &str) {
+    let deadline = Instant::now() + HANG_GUARD;
+    while !screen.lock().unwrap().contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "{needle:?} never appeared: {:?}",
+            screen.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn wait_exit(mut child: Child) -> Option<i32> {
+    let deadline = Instant::now() + HANG_GUARD;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("nvmm did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Runs `scenario`, waits for `ready` on the screen, checks raw mode, ends it with `end`, and
+/// checks the settings are back and the exit code is `expected`.
+fn restored_after(
+    test: &str,
+    scenario: &str,
+    ready: &str,
+    env: &[(&str, &str)],
+    end: impl FnOnce(&Child, &mut File),
+    expected: Option<i32>,
+) {
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let mut pty = open_pty();
+    let before = settings(&pty.slave);
+    let (child, screen) = start(&pty, scenario, env);
+    wait_for(&screen, ready);
+    if expected != Some(101) {
+        // The panic case may already be gone; the others are still running here.
+        assert!(
+            is_raw(&pty.slave) || child_exited(&child),
+            "{test}: not in raw mode"
+        );
+    }
+    end(&child, &mut pty.master);
+    let code = wait_exit(child);
+    assert_eq!(code, expected, "{test}: {:?}", screen.lock().unwrap());
+    assert_eq!(
+        settings(&pty.slave),
+        before,
+        "{test}: terminal not restored"
+    );
+}
+
+fn child_exited(child: &Child) -> bool {
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    unsafe { libc::kill(child.id() as i32, 0) != 0 }
+}
+
+fn signal(child: &Child, signal: i32) {
+    // SAFETY: kill has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+}
+
+#[test]
+fn restored_after_guest_poweroff() {
+    restored_after(
+        "tty poweroff",
+        "echo",
+        "echo ready",
+        &[],
+        |_, master| {
+            master.write_all(b"hi\x04").unwrap();
+        },
+        Some(0),
+    );
+}
+
+#[test]
+fn restored_after_ctrl_a_x() {
+    restored_after(
+        "tty quit",
+        "halt",
+        "halting",
+        &[],
+        |_, master| {
+            master.write_all(b"\x01x").unwrap();
+        },
+        Some(0),
+    );
+}
+
+#[test]
+fn restored_after_guest_crash() {
+    restored_after(
+        "tty crash",
+        "triplefault",
+        "nvmm-test: triple fault",
+        &[],
+        |_, _| {},
+        Some(3),
+    );
+}
+
+#[test]
+fn restored_after_sigterm() {
+    restored_after(
+        "tty sigterm",
+        "halt",
+        "halting",
+        &[],
+        |c, _| signal(c, libc::SIGTERM),
+        Some(128 + libc::SIGTERM),
+    );
+}
+
+#[test]
+fn restored_after_sigint() {
+    restored_after(
+        "tty sigint",
+        "halt",
+        "halting",
+        &[],
+        |c, _| signal(c, libc::SIGINT),
+        Some(128 + libc::SIGINT),
+    );
+}
+
+#[test]
+fn restored_after_sighup() {
+    restored_after(
+        "tty sighup",
+        "halt",
+        "halting",
+        &[],
+        |c, _| signal(c, libc::SIGHUP),
+        Some(128 + libc::SIGHUP),
+    );
+}
+
+#[test]
+fn restored_after_nvmm_panic() {
+    restored_after(
+        "tty panic",
+        "halt",
+        "panic injected",
+        &[("NVMM_TEST_PANIC_AFTER_BOOT", "1")],
+        |_, _| {},
+        Some(101),
+    );
+}
+
+#[test]
+fn ctrl_c_goes_to_the_guest() {
+    if !kvm_or_skip("tty ctrl-c") {
+        return;
+    }
+    let mut pty = open_pty();
+    let (child, screen) = start(&pty, "echo", &[]);
+    wait_for(&screen, "echo ready");
+    // In raw mode Ctrl-C is a byte for the guest, not SIGINT for nvmm.
+    pty.master.write_all(b"\x03\x04").unwrap();
+    assert_eq!(wait_exit(child), Some(0));
+    assert!(
+        screen.lock().unwrap().contains("echo done bytes=1"),
+        "{:?}",
+        screen.lock().unwrap()
+    );
+}
