@@ -9,7 +9,7 @@ mod common;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -53,7 +53,7 @@ fn settings(fd: &OwnedFd) -> (u32, u32, u32, u32, Vec<u8>) {
 }
 
 fn is_raw(fd: &OwnedFd) -> bool {
-    settings(fd).3 & (libc::ICANON | libc::ECHO) as u32 == 0
+    settings(fd).3 & (libc::ICANON | libc::ECHO) == 0
 }
 
 /// Starts nvmm on the pty and collects what it writes to the master side.
