@@ -23,9 +23,18 @@ fn hello_boots_through_the_linux_64bit_protocol_and_powers_off() {
     }
     let out = run(guest_command("nvmm_test=hello", &[]));
     assert_eq!(out.code(), Some(0), "{out:?}");
-    assert!(out.stdout.contains("nvmm-test: boot protocol=linux64"), "{out:?}");
-    assert!(out.stdout.contains("console=ttyS0 reboot=k"), "nvmm's defaults come first: {out:?}");
-    assert!(out.stdout.contains("hello from the nvmm test guest"), "{out:?}");
+    assert!(
+        out.stdout.contains("nvmm-test: boot protocol=linux64"),
+        "{out:?}"
+    );
+    assert!(
+        out.stdout.contains("console=ttyS0 reboot=k"),
+        "nvmm's defaults come first: {out:?}"
+    );
+    assert!(
+        out.stdout.contains("hello from the nvmm test guest"),
+        "{out:?}"
+    );
     assert!(out.stdout.contains("nvmm-test: result=ok"), "{out:?}");
     assert!(!out.stderr.contains("error"), "{out:?}");
 }
@@ -63,7 +72,11 @@ fn input_larger_than_the_uart_fifo_is_not_lost() {
     input.push(0x04);
     let out = run_with_input(guest_command("nvmm_test=echo", &[]), &input);
     assert_eq!(out.code(), Some(0), "{out:?}");
-    assert!(out.stdout.contains("echo done bytes=4096"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("echo done bytes=4096"),
+        "{}",
+        out.stdout
+    );
     let echoed: String = String::from_utf8_lossy(&input[..4096]).into_owned();
     assert!(out.stdout.contains(&echoed), "echo differs");
 }
@@ -110,9 +123,15 @@ fn initrd_arrives_intact() {
         &["--initrd", initrd],
     ));
     std::fs::remove_file(&path).unwrap();
-    assert!(ok.stdout.contains(&format!("size=307200 fnv1a64={sum}")), "{ok:?}");
+    assert!(
+        ok.stdout.contains(&format!("size=307200 fnv1a64={sum}")),
+        "{ok:?}"
+    );
     assert!(ok.stdout.contains("result=ok"), "{ok:?}");
-    assert!(bad.stdout.contains("result=fail reason=initrd-mismatch"), "{bad:?}");
+    assert!(
+        bad.stdout.contains("result=fail reason=initrd-mismatch"),
+        "{bad:?}"
+    );
 }
 
 #[test]
@@ -161,7 +180,10 @@ fn triple_fault_exits_nonzero_with_a_message() {
     let out = run(guest_command("nvmm_test=triplefault", &[]));
     assert_eq!(out.code(), Some(3), "{out:?}");
     assert!(out.stdout.contains("nvmm-test: triple fault"), "{out:?}");
-    assert!(out.stderr.contains("error: guest triple-faulted on vCPU 0"), "{out:?}");
+    assert!(
+        out.stderr.contains("error: guest triple-faulted on vCPU 0"),
+        "{out:?}"
+    );
     assert!(out.stderr.contains("hint:"), "{out:?}");
 }
 
@@ -192,7 +214,12 @@ fn debug_port_writes_are_logged_with_a_timestamp() {
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     // Fields after the command name (which is in parentheses): utime is 14th, stime 15th.
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
     let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
     // SAFETY: sysconf has no memory-safety preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -215,7 +242,10 @@ fn halted_guest_does_not_spin_and_sigterm_stops_cleanly() {
     let mut stdout = child.stdout.take().unwrap();
     read_until(&mut stdout, "halting with interrupts off");
     std::thread::sleep(Duration::from_millis(200));
-    assert!(child.try_wait().unwrap().is_none(), "EOF on stdin stopped the VM");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "EOF on stdin stopped the VM"
+    );
 
     let pid = child.id();
     let before = cpu_seconds(pid);
@@ -224,7 +254,10 @@ fn halted_guest_does_not_spin_and_sigterm_stops_cleanly() {
     let used = cpu_seconds(pid) - before;
     let wall = window.elapsed().as_secs_f64();
     // A spinning vCPU would use ~1 CPU-second per second; an idle VMM uses next to nothing.
-    assert!(used < 0.25 * wall, "halted guest used {used:.2} s CPU in {wall:.2} s");
+    assert!(
+        used < 0.25 * wall,
+        "halted guest used {used:.2} s CPU in {wall:.2} s"
+    );
 
     // SAFETY: kill with a valid pid and signal has no memory-safety preconditions.
     assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
@@ -259,7 +292,10 @@ fn assert_user_error(out: &Output, message: &str) {
     assert!(lines[0].starts_with("error: "), "{out:?}");
     assert!(lines[0].contains(message), "{message:?} not in {out:?}");
     assert!(lines[1].starts_with("hint: "), "{out:?}");
-    assert!(out.stdout.is_empty(), "the guest must not have run: {out:?}");
+    assert!(
+        out.stdout.is_empty(),
+        "the guest must not have run: {out:?}"
+    );
 }
 
 fn nvmm_run(args: &[&str]) -> Output {
@@ -271,7 +307,10 @@ fn nvmm_run(args: &[&str]) -> Output {
 #[test]
 fn missing_kernel_is_a_clear_error() {
     let out = nvmm_run(&["--kernel", "/nonexistent/vmlinux"]);
-    assert_user_error(&out, "cannot read kernel /nonexistent/vmlinux: No such file");
+    assert_user_error(
+        &out,
+        "cannot read kernel /nonexistent/vmlinux: No such file",
+    );
 }
 
 #[test]
@@ -301,7 +340,14 @@ fn initrd_too_large_for_memory_is_a_clear_error() {
     let path = temp_path("hugeinitrd");
     let file = std::fs::File::create(&path).unwrap();
     file.set_len(40 << 20).unwrap();
-    let out = nvmm_run(&["--kernel", GUEST, "--mem", MEM, "--initrd", path.to_str().unwrap()]);
+    let out = nvmm_run(&[
+        "--kernel",
+        GUEST,
+        "--mem",
+        MEM,
+        "--initrd",
+        path.to_str().unwrap(),
+    ]);
     std::fs::remove_file(&path).unwrap();
     assert_user_error(&out, "bytes are free above the kernel");
     assert!(out.stderr.contains("--mem"), "{out:?}");
@@ -351,10 +397,9 @@ fn missing_dev_kvm_is_a_clear_error() {
     }
     // An empty /dev in a private mount namespace: /dev/kvm does not exist there.
     let mut cmd = Command::new("unshare");
-    cmd.args(["--mount", "--", "sh", "-c"])
-        .arg(format!(
-            "mount -t tmpfs none /dev && exec {NVMM} run --kernel {GUEST} --mem {MEM}"
-        ));
+    cmd.args(["--mount", "--", "sh", "-c"]).arg(format!(
+        "mount -t tmpfs none /dev && exec {NVMM} run --kernel {GUEST} --mem {MEM}"
+    ));
     let out = run(cmd);
     assert_user_error(&out, "cannot open /dev/kvm: No such file or directory");
     assert!(out.stderr.contains("kvm_intel or kvm_amd"), "{out:?}");
@@ -366,11 +411,21 @@ fn dev_kvm_without_permission_is_a_clear_error() {
         return;
     }
     let mut cmd = Command::new("setpriv");
-    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--", NVMM, "run"])
-        .args(["--kernel", GUEST, "--mem", MEM]);
+    cmd.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--",
+        NVMM,
+        "run",
+    ])
+    .args(["--kernel", GUEST, "--mem", MEM]);
     let out = run(cmd);
     if out.stderr.contains("cannot read kernel") {
-        skip("/dev/kvm not permitted", "the test guest is not readable by nobody");
+        skip(
+            "/dev/kvm not permitted",
+            "the test guest is not readable by nobody",
+        );
         return;
     }
     assert_user_error(&out, "cannot open /dev/kvm: Permission denied");
@@ -387,10 +442,17 @@ fn doctor_boots_the_embedded_guest() {
     let out = run(doctor);
     assert_eq!(out.code(), Some(0), "{out:?}");
     assert!(out.stdout.contains("ok    /dev/kvm"), "{out:?}");
-    assert!(out.stdout.contains("ok    test guest     booted and powered off"), "{out:?}");
+    assert!(
+        out.stdout
+            .contains("ok    test guest     booted and powered off"),
+        "{out:?}"
+    );
     let mut doctor_json = Command::new(NVMM);
     doctor_json.args(["doctor", "--json"]);
     let json = run(doctor_json);
-    assert!(json.stdout.starts_with("{\"healthy\":true,\"checks\":["), "{json:?}");
+    assert!(
+        json.stdout.starts_with("{\"healthy\":true,\"checks\":["),
+        "{json:?}"
+    );
     let _ = std::io::stderr().write_all(out.stdout.as_bytes());
 }

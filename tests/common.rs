@@ -124,9 +124,17 @@ pub fn read_until(pipe: &mut impl Read, needle: &str) -> String {
     let mut text = Vec::new();
     let mut buf = [0u8; 4096];
     while !String::from_utf8_lossy(&text).contains(needle) {
-        assert!(Instant::now() < deadline, "no {needle:?} in {:?}", String::from_utf8_lossy(&text));
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in {:?}",
+            String::from_utf8_lossy(&text)
+        );
         let n = pipe.read(&mut buf).expect("read");
-        assert!(n > 0, "EOF before {needle:?}: {:?}", String::from_utf8_lossy(&text));
+        assert!(
+            n > 0,
+            "EOF before {needle:?}: {:?}",
+            String::from_utf8_lossy(&text)
+        );
         text.extend_from_slice(&buf[..n]);
     }
     String::from_utf8_lossy(&text).into_owned()

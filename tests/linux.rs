@@ -39,7 +39,10 @@ fn linux_tier_or_skip(test: &str) -> Option<PathBuf> {
     }
     let dir = images_dir();
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/linux/build-image.sh");
-    let status = Command::new(script).arg(&dir).status().expect("run build-image.sh");
+    let status = Command::new(script)
+        .arg(&dir)
+        .status()
+        .expect("run build-image.sh");
     assert!(status.success(), "tests/linux/build-image.sh failed");
     Some(dir)
 }
@@ -57,8 +60,15 @@ fn boot_linux(test: &str, kernel: &str, cpus: &str) {
         .args(["--mem", "512", "--cpus", cpus]);
     let out = run(cmd);
     assert!(out.stdout.contains("nvmm-linux: init reached"), "{out:?}");
-    assert!(out.stdout.contains(&format!("nvmm-linux: cpus={cpus}")), "{out:?}");
-    assert_eq!(out.code(), Some(0), "poweroff -f ends the VM cleanly: {out:?}");
+    assert!(
+        out.stdout.contains(&format!("nvmm-linux: cpus={cpus}")),
+        "{out:?}"
+    );
+    assert_eq!(
+        out.code(),
+        Some(0),
+        "poweroff -f ends the VM cleanly: {out:?}"
+    );
 }
 
 #[test]

@@ -50,10 +50,10 @@ pub const KVM_TSS_START: u64 = 0xfffb_d000;
 pub mod ports {
     /// POST/debug port.
     pub const DEBUG: u64 = 0x80;
-    /// i8042 data port.
-    pub const I8042_DATA: u64 = 0x60;
+    /// i8042 data port (the device decodes by absolute port).
+    pub const I8042_DATA: u64 = nvmm_devices::legacy::I8042_DATA_PORT;
     /// i8042 status/command port.
-    pub const I8042_COMMAND: u64 = 0x64;
+    pub const I8042_COMMAND: u64 = nvmm_devices::legacy::I8042_COMMAND_PORT;
     /// COM1.
     pub const COM1: u64 = 0x3f8;
     /// COM1 has eight registers.

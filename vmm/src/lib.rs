@@ -163,35 +163,40 @@ pub fn build_and_boot(config: &VmConfig) -> Result<Vm, Error> {
         pio: Arc::new(devices.pio),
         mmio: Arc::new(devices.mmio),
     };
+    let vcpus = configure_vcpus(&kvm, vcpu_fds, &mem, &peripherals, entry, config)?;
+    log::info!(
+        "booting {} ({} MiB, {} vCPUs) with command line {:?}",
+        config.kernel.display(),
+        config.mem_mib,
+        config.vcpus,
+        cmdline.as_cstring().unwrap_or_default()
+    );
+    Vm::start(kvm, vm, mem, vcpus, devices.events, config.console)
+}
+
+/// Gives every vCPU its CPUID, MSRs, FPU and LAPIC state, and the boot vCPU the kernel entry.
+fn configure_vcpus(
+    kvm: &Kvm,
+    fds: Vec<kvm_ioctls::VcpuFd>,
+    mem: &GuestMemoryMmap,
+    peripherals: &Peripherals,
+    entry: boot::KernelEntry,
+    config: &VmConfig,
+) -> Result<Vec<Vcpu>, Error> {
     let supported_cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| KvmError::Setup("read the supported CPUID", e))?;
-    let mut vcpus = Vec::with_capacity(vcpu_fds.len());
-    for (index, fd) in (0u8..).zip(vcpu_fds) {
+    let mut vcpus = Vec::with_capacity(fds.len());
+    for (index, fd) in (0u8..).zip(fds) {
         let vcpu = Vcpu::new(fd, index, peripherals.clone(), mem.clone());
-        vcpu.configure(&cpuid::vcpu_cpuid(
-            &supported_cpuid,
-            index,
-            config.vcpus,
-            config.cpuid,
-        ))?;
+        let cpuid = cpuid::vcpu_cpuid(&supported_cpuid, index, config.vcpus, config.cpuid);
+        vcpu.configure(&cpuid)?;
         if index == 0 {
             vcpu.enter_kernel(entry)?;
         }
         vcpus.push(vcpu);
     }
-    log::info!(
-        "booting {} ({} MiB, {} vCPU{}) with command line \"{}\"",
-        config.kernel.display(),
-        config.mem_mib,
-        config.vcpus,
-        if config.vcpus == 1 { "" } else { "s" },
-        cmdline
-            .as_cstring()
-            .map(|c| c.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    );
-    Vm::start(kvm, vm, mem, vcpus, devices.events, config.console)
+    Ok(vcpus)
 }
 
 fn create_vcpus(vm: &VmFd, count: u8) -> Result<Vec<kvm_ioctls::VcpuFd>, Error> {

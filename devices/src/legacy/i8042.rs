@@ -46,7 +46,7 @@ const AUX_ABSENT: u8 = 0xff;
 /// A guest can queue replies faster than it reads them; beyond this they are dropped.
 const OUTPUT_CAPACITY: usize = 16;
 
-/// The i8042 controller; insert it on the PIO bus at [`DATA_PORT`] and [`COMMAND_PORT`]
+/// The i8042 controller; insert it on the PIO bus at ports 0x60 and 0x64
 /// (one port each; port 0x61 in between belongs to the in-kernel PIT's speaker).
 #[derive(Debug)]
 pub struct I8042 {
