@@ -65,7 +65,12 @@ pub fn guest_command_with_mem(mem: &str, cmdline: &str, extra: &[&str]) -> Comma
 }
 
 /// Runs `cmd` with `input` on stdin (then EOF) and waits, killing it after [`HANG_GUARD`].
-pub fn run_with_input(mut cmd: Command, input: &[u8]) -> Output {
+pub fn run_with_input(cmd: Command, input: &[u8]) -> Output {
+    run_with_guard(cmd, input, HANG_GUARD)
+}
+
+/// Like [`run_with_input`], killing it after `guard`.
+pub fn run_with_guard(mut cmd: Command, input: &[u8], guard: Duration) -> Output {
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -76,7 +81,7 @@ pub fn run_with_input(mut cmd: Command, input: &[u8]) -> Output {
         // The guest may end before reading everything; a broken pipe is fine.
         let _ = stdin.write_all(&input);
     });
-    let out = wait_with_guard(child);
+    let out = wait_with(child, guard);
     let _ = writer.join();
     out
 }
@@ -87,7 +92,11 @@ pub fn run(cmd: Command) -> Output {
 }
 
 /// Waits for `child`, collecting its output; kills it after [`HANG_GUARD`].
-pub fn wait_with_guard(mut child: Child) -> Output {
+pub fn wait_with_guard(child: Child) -> Output {
+    wait_with(child, HANG_GUARD)
+}
+
+fn wait_with(mut child: Child, guard: Duration) -> Output {
     let mut stdout_pipe = child.stdout.take().expect("stdout");
     let mut stderr_pipe = child.stderr.take().expect("stderr");
     let stdout = std::thread::spawn(move || {
@@ -100,14 +109,14 @@ pub fn wait_with_guard(mut child: Child) -> Output {
         let _ = stderr_pipe.read_to_end(&mut s);
         s
     });
-    let deadline = Instant::now() + HANG_GUARD;
+    let deadline = Instant::now() + guard;
     let status = loop {
         if let Some(status) = child.try_wait().expect("wait") {
             break status;
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("nvmm did not finish within {HANG_GUARD:?}");
+            panic!("nvmm did not finish within {guard:?}");
         }
         std::thread::sleep(Duration::from_millis(5));
     };

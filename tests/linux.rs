@@ -21,6 +21,10 @@ fn images_dir() -> PathBuf {
     )
 }
 
+fn is_kvm_pvm() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
+}
+
 fn linux_tier_or_skip(test: &str) -> Option<PathBuf> {
     if std::env::var("NVMM_LINUX_TESTS").as_deref() == Ok("0") {
         skip(test, "NVMM_LINUX_TESTS=0");
@@ -29,7 +33,7 @@ fn linux_tier_or_skip(test: &str) -> Option<PathBuf> {
     if !kvm_or_skip(test) {
         return None;
     }
-    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+    if is_kvm_pvm() {
         skip(
             test,
             "this host's KVM is kvm-pvm (software, nested, no VMX): stock Linux kernels die \
@@ -37,6 +41,10 @@ fn linux_tier_or_skip(test: &str) -> Option<PathBuf> {
         );
         return None;
     }
+    Some(build_images())
+}
+
+fn build_images() -> PathBuf {
     let dir = images_dir();
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/linux/build-image.sh");
     let status = Command::new(script)
@@ -44,7 +52,7 @@ fn linux_tier_or_skip(test: &str) -> Option<PathBuf> {
         .status()
         .expect("run build-image.sh");
     assert!(status.success(), "tests/linux/build-image.sh failed");
-    Some(dir)
+    dir
 }
 
 fn boot_linux(test: &str, kernel: &str, cpus: &str) {
@@ -79,4 +87,48 @@ fn debian_bzimage_reaches_init_and_powers_off() {
 #[test]
 fn debian_vmlinux_reaches_init_and_powers_off() {
     boot_linux("linux vmlinux", "vmlinux", "1");
+}
+
+/// Where stock kernels cannot run (kvm-pvm), nvmm must still load the Debian vmlinux, run it
+/// until KVM gives up, and report that clearly: exit 3, suberror, RIP and the instruction bytes
+/// (lock cmpxchg16b, the first instruction kvm-pvm cannot emulate).
+#[test]
+fn kvm_pvm_reports_a_stock_kernels_emulation_failure() {
+    const TEST: &str = "linux on kvm-pvm";
+    if std::env::var("NVMM_LINUX_TESTS").as_deref() == Ok("0") {
+        skip(TEST, "NVMM_LINUX_TESTS=0");
+        return;
+    }
+    if !kvm_or_skip(TEST) {
+        return;
+    }
+    if !is_kvm_pvm() {
+        skip(
+            TEST,
+            "KVM is hardware-backed here; the boot tests above cover Linux",
+        );
+        return;
+    }
+    let dir = build_images();
+    let mut cmd = Command::new(NVMM);
+    cmd.arg("run")
+        .arg("--kernel")
+        .arg(dir.join("vmlinux"))
+        .args(["--mem", "256"]);
+    // The kernel runs ~30 s of emulated instructions before it reaches the failing one.
+    let out = run_with_guard(cmd, b"", std::time::Duration::from_secs(600));
+    assert_eq!(out.code(), Some(3), "{out:?}");
+    assert!(
+        out.stderr
+            .starts_with("error: KVM internal error on vCPU 0: suberror 1 at RIP 0xffffffff"),
+        "{out:?}"
+    );
+    assert!(
+        out.stderr.contains("instruction bytes [f0 48 0f c7"),
+        "{out:?}"
+    );
+    assert!(
+        out.stderr.contains("hint: this host's KVM is kvm-pvm"),
+        "{out:?}"
+    );
 }
