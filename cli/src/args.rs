@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use nvmm_vmm::{ConsoleConfig, CpuidPolicy, DEFAULT_MEM_MIB, VmConfig};
+use nvmm_vmm::{
+    ConsoleConfig, CpuidPolicy, DEFAULT_MEM_MIB, DiskConfig, VirtioDiscovery, VmConfig,
+};
 
 /// Run NixOS configurations, or any Linux kernel, as microVMs on KVM.
 #[derive(Debug, Parser)]
@@ -65,6 +67,63 @@ pub struct RunArgs {
     /// CPU features to hide from the guest (comma-separated).
     #[arg(long, value_name = "FEATURE", value_delimiter = ',')]
     pub cpu_hide: Vec<HiddenCpuFeature>,
+    /// A virtio-blk disk: an image file or block device, with options `ro` (read-only) and
+    /// `serial=ID` (what the guest reads as its ID). Repeatable; the guest sees vda, vdb, ...
+    #[arg(long, value_name = "PATH[,ro][,serial=ID]", value_parser = parse_disk)]
+    pub disk: Vec<DiskConfig>,
+    /// How the guest learns about virtio devices: the kernel command line, ACPI, or both.
+    #[arg(long, value_name = "HOW", default_value = "both")]
+    pub virtio_discovery: Discovery,
+}
+
+/// `--virtio-discovery` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Discovery {
+    /// `virtio_mmio.device=` on the command line and `LNRO0005` devices in ACPI.
+    Both,
+    /// Command line only (kernels with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES, e.g. NixOS).
+    Cmdline,
+    /// ACPI only (e.g. Debian's kernels).
+    Acpi,
+}
+
+impl From<Discovery> for VirtioDiscovery {
+    fn from(value: Discovery) -> Self {
+        match value {
+            Discovery::Both => VirtioDiscovery::Both,
+            Discovery::Cmdline => VirtioDiscovery::Cmdline,
+            Discovery::Acpi => VirtioDiscovery::Acpi,
+        }
+    }
+}
+
+/// `PATH[,ro][,serial=ID]`. A path containing a comma cannot be given this way.
+fn parse_disk(spec: &str) -> Result<DiskConfig, String> {
+    let mut parts = spec.split(',');
+    let path = parts
+        .next()
+        .filter(|p| !p.is_empty())
+        .ok_or("the disk path is empty")?;
+    let mut disk = DiskConfig {
+        path: PathBuf::from(path),
+        read_only: false,
+        serial: None,
+    };
+    for option in parts {
+        match option.split_once('=') {
+            None if option == "ro" => disk.read_only = true,
+            Some(("serial", id)) if !id.is_empty() && id.len() <= 20 => {
+                disk.serial = Some(id.to_owned())
+            }
+            Some(("serial", _)) => return Err("serial must be 1 to 20 bytes".into()),
+            _ => {
+                return Err(format!(
+                    "unknown disk option {option:?} (known: ro, serial=ID)"
+                ));
+            }
+        }
+    }
+    Ok(disk)
 }
 
 /// CPU features `--cpu-hide` can hide.
@@ -93,6 +152,8 @@ impl RunArgs {
                 stdin: true,
                 escape: true,
             },
+            disks: self.disk.clone(),
+            virtio_discovery: self.virtio_discovery.into(),
         }
     }
 }
@@ -140,6 +201,19 @@ mod tests {
         assert_eq!(config.initrd, Some(PathBuf::from("i")));
         assert_eq!((config.mem_mib, config.vcpus), (64, 3));
         assert!(config.cpuid.hide_cx16 && config.cpuid.hide_xsave);
+    }
+
+    #[test]
+    fn disk_specs_parse() {
+        let disk = parse_disk("/img/store.erofs,ro,serial=nix-store").unwrap();
+        assert_eq!(disk.path, PathBuf::from("/img/store.erofs"));
+        assert!(disk.read_only);
+        assert_eq!(disk.serial.as_deref(), Some("nix-store"));
+        assert!(!parse_disk("disk.img").unwrap().read_only);
+        assert!(parse_disk("").is_err());
+        assert!(parse_disk("d.img,rw").is_err());
+        assert!(parse_disk("d.img,serial=").is_err());
+        assert!(parse_disk(&format!("d.img,serial={}", "x".repeat(21))).is_err());
     }
 
     #[test]

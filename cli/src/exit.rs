@@ -8,6 +8,8 @@
 use std::process::ExitCode;
 
 use nvmm_vmm::boot::BootError;
+use nvmm_vmm::device_manager::DeviceError;
+use nvmm_vmm::devices::BlockError;
 use nvmm_vmm::kvm::KvmError;
 use nvmm_vmm::vcpu::GuestFault;
 use nvmm_vmm::{ConfigError, VmExit};
@@ -142,6 +144,23 @@ fn hint(err: &CliError) -> Option<String> {
             }
             _ => return None,
         },
+        nvmm_vmm::Error::Devices(DeviceError::Disk(disk)) => match disk {
+            BlockError::Open {
+                read_only: false,
+                source,
+                ..
+            } if matches!(
+                source.raw_os_error(),
+                Some(libc::EACCES | libc::EROFS | libc::EPERM)
+            ) =>
+            {
+                "the disk is not writable: add ,ro to --disk to attach it read-only".into()
+            }
+            BlockError::Open { .. } => "check the path given to --disk".into(),
+            BlockError::NotADisk(_) => "--disk takes an image file or a block device".into(),
+            _ => return None,
+        },
+        nvmm_vmm::Error::Devices(DeviceError::TooManyVirtioDevices) => "attach fewer disks".into(),
         nvmm_vmm::Error::Guest(GuestFault::InternalError { .. }) if nvmm_vmm::kvm::is_kvm_pvm() => {
             "this host's KVM is kvm-pvm (software, nested): stock Linux kernels cannot run \
              here; nvmm's own test guest can (`nvmm doctor`)"

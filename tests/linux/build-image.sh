@@ -11,7 +11,8 @@ Builds the Linux-guest test fixture from pinned Debian packages, without install
   OUTDIR/bzImage            the Debian kernel (vmlinuz), as shipped
   OUTDIR/vmlinux            the ELF kernel, extracted from the bzImage's LZ4 payload
   OUTDIR/initramfs.cpio.gz  busybox + virtio modules; /init loads the modules, prints
-                            "nvmm-linux: init reached" and "nvmm-linux: cpus=N", then powers off
+                            "nvmm-linux: init reached", "nvmm-linux: cpus=N" and
+                            "nvmm-linux: vdisks=N", then powers off
 
 OUTDIR defaults to ${NVMM_LINUX_DIR:-target/linux-guest}, taken relative to the repository root
 (an OUTDIR argument is relative to the current directory).
@@ -191,6 +192,8 @@ for m in ${MODULES[*]}; do
 done
 echo "nvmm-linux: init reached"
 echo "nvmm-linux: cpus=\$(grep -c ^processor /proc/cpuinfo)"
+# Each virtio disk must appear exactly once, however it was announced (cmdline and/or ACPI).
+echo "nvmm-linux: vdisks=\$(ls /sys/block | grep -c '^vd')"
 poweroff -f
 EOF
 chmod 0755 "$root/init"

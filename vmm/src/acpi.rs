@@ -17,6 +17,7 @@ use acpi_tables::{Aml, aml};
 use nvmm_devices::legacy::{AcpiPowerRegisters, RESET_VALUE, S5_SLEEP_TYPE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use crate::device_manager::VirtioSlot;
 use crate::layout::{self, irqs, ports};
 
 const OEM_ID: [u8; 6] = *b"NVMM  ";
@@ -38,12 +39,16 @@ pub enum AcpiError {
     Write(#[source] vm_memory::GuestMemoryError),
 }
 
-/// Writes the tables for `vcpus` processors; returns the RSDP address.
-pub fn write_acpi_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<GuestAddress, AcpiError> {
+/// Writes the tables for `vcpus` processors and the `virtio` devices; returns the RSDP address.
+pub fn write_acpi_tables(
+    mem: &GuestMemoryMmap,
+    vcpus: u8,
+    virtio: &[VirtioSlot],
+) -> Result<GuestAddress, AcpiError> {
     let mut writer = TableWriter::new(mem);
     let rsdp_addr = writer.reserve(Rsdp::len() as u64);
 
-    let dsdt = writer.write(&dsdt())?;
+    let dsdt = writer.write(&dsdt(virtio))?;
     let fadt = writer.write(&fadt(dsdt))?;
     let madt = writer.write(&madt(vcpus))?;
     let mut xsdt = XSDT::new(OEM_ID, *b"NVMMXSDT", OEM_REVISION);
@@ -55,9 +60,10 @@ pub fn write_acpi_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<GuestAddres
     Ok(rsdp_addr)
 }
 
-/// The DSDT: `\_S5_` for power-off and COM1, so guests that enumerate devices through ACPI
-/// find the UART without legacy probing.
-fn dsdt() -> Sdt {
+/// The DSDT: `\_S5_` for power-off, COM1 (so guests that enumerate devices through ACPI find
+/// the UART without legacy probing), and one `LNRO0005` device per virtio-mmio window, which
+/// Linux's virtio_mmio driver matches on kernels without command-line devices.
+fn dsdt(virtio: &[VirtioSlot]) -> Sdt {
     let mut body = Vec::new();
     aml::Name::new("_S5_".into(), &aml::Package::new(vec![&S5_SLEEP_TYPE])).to_aml_bytes(&mut body);
 
@@ -74,10 +80,29 @@ fn dsdt() -> Sdt {
     let crs = aml::Name::new("_CRS".into(), &com1_resources);
     let com1 = aml::Device::new("_SB_.COM1".into(), vec![&hid, &uid, &crs]);
     com1.to_aml_bytes(&mut body);
+    for (index, slot) in virtio.iter().enumerate() {
+        body.extend_from_slice(&virtio_device(index, slot));
+    }
 
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"NVMMDSDT", OEM_REVISION);
     dsdt.append_slice(&body);
     dsdt
+}
+
+/// `Device (\_SB.Vnnn) { _HID "LNRO0005", _UID n, _CCA 1, _CRS { Memory32Fixed, Interrupt } }`.
+fn virtio_device(index: usize, slot: &VirtioSlot) -> Vec<u8> {
+    let memory = aml::Memory32Fixed::new(true, slot.base as u32, slot.size as u32);
+    let irq = aml::Interrupt::new(true, true, false, false, slot.irq);
+    let resources = aml::ResourceTemplate::new(vec![&memory, &irq]);
+    let hid = aml::Name::new("_HID".into(), &"LNRO0005");
+    let uid_value = index;
+    let uid = aml::Name::new("_UID".into(), &uid_value);
+    let cca = aml::Name::new("_CCA".into(), &aml::ONE);
+    let crs = aml::Name::new("_CRS".into(), &resources);
+    let path = format!("_SB_.V{index:03}");
+    let mut bytes = Vec::new();
+    aml::Device::new(path.as_str().into(), vec![&hid, &uid, &cca, &crs]).to_aml_bytes(&mut bytes);
+    bytes
 }
 
 fn io_register(port: u64) -> GAS {
@@ -180,7 +205,7 @@ mod tests {
     #[test]
     fn tables_are_linked_and_checksummed() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
-        let rsdp = write_acpi_tables(&mem, 4).unwrap();
+        let rsdp = write_acpi_tables(&mem, 4, &[]).unwrap();
         assert_eq!(rsdp.0, layout::ACPI_START);
         let mut sig = [0u8; 8];
         mem.read_slice(&mut sig, rsdp).unwrap();
@@ -222,8 +247,41 @@ mod tests {
     }
 
     #[test]
+    fn virtio_devices_are_in_the_dsdt() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let slots = [
+            VirtioSlot {
+                base: 0xd000_0000,
+                size: 0x1000,
+                irq: 5,
+            },
+            VirtioSlot {
+                base: 0xd000_1000,
+                size: 0x1000,
+                irq: 6,
+            },
+        ];
+        let rsdp = write_acpi_tables(&mem, 1, &slots).unwrap();
+        let xsdt: u64 = mem.read_obj(GuestAddress(rsdp.0 + 24)).unwrap();
+        let fadt: u64 = mem.read_obj(GuestAddress(xsdt + 36)).unwrap();
+        let dsdt: u64 = mem.read_obj(GuestAddress(fadt + 140)).unwrap();
+        assert!(checksum_ok(&mem, dsdt));
+        let len = read_u32(&mem, dsdt + 4) as usize;
+        let mut body = vec![0u8; len];
+        mem.read_slice(&mut body, GuestAddress(dsdt)).unwrap();
+        let count = body.windows(8).filter(|w| w == b"LNRO0005").count();
+        assert_eq!(count, 2);
+        // Memory32Fixed descriptor (0x86, length 9, read-write) with the second window's base.
+        let mut second = vec![0x86, 9, 0, 1];
+        second.extend_from_slice(&0xd000_1000u32.to_le_bytes());
+        second.extend_from_slice(&0x1000u32.to_le_bytes());
+        assert!(body.windows(second.len()).any(|w| w == second.as_slice()));
+        assert!(body.windows(4).any(|w| w == b"V001"));
+    }
+
+    #[test]
     fn many_vcpus_still_fit() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
-        assert!(write_acpi_tables(&mem, 254).is_ok());
+        assert!(write_acpi_tables(&mem, 254, &[]).is_ok());
     }
 }

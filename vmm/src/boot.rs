@@ -14,6 +14,7 @@ use linux_loader::loader::bootparam::{boot_params, setup_header};
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
+use crate::device_manager::VirtioSlot;
 use crate::layout;
 
 /// The command line nvmm always gives the kernel, before the user's:
@@ -239,19 +240,33 @@ pub fn load_initrd(
     })
 }
 
-/// Builds the full command line (nvmm's defaults, then `extra`) within the kernel's limit.
-pub fn build_cmdline(kernel: &LoadedKernel, extra: &str) -> Result<Cmdline, BootError> {
+/// Builds the full command line within the kernel's limit: nvmm's defaults, one
+/// `virtio_mmio.device=SIZE@BASE:IRQ` per virtio device (for kernels with
+/// `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`), then `extra`.
+pub fn build_cmdline(
+    kernel: &LoadedKernel,
+    virtio: &[VirtioSlot],
+    extra: &str,
+) -> Result<Cmdline, BootError> {
     // cmdline_size excludes the NUL; Cmdline's capacity includes it.
     let capacity = kernel
         .setup_header
         .map(|h| h.cmdline_size as usize + 1)
         .filter(|c| *c > 1)
         .unwrap_or(DEFAULT_CMDLINE_CAPACITY);
-    let full = if extra.trim().is_empty() {
-        DEFAULT_CMDLINE.to_owned()
-    } else {
-        format!("{DEFAULT_CMDLINE} {}", extra.trim())
-    };
+    let mut full = DEFAULT_CMDLINE.to_owned();
+    for slot in virtio {
+        full.push_str(&format!(
+            " virtio_mmio.device={}K@{:#x}:{}",
+            slot.size >> 10,
+            slot.base,
+            slot.irq
+        ));
+    }
+    if !extra.trim().is_empty() {
+        full.push(' ');
+        full.push_str(extra.trim());
+    }
     if full.len() >= capacity {
         return Err(BootError::CmdlineTooLong {
             len: full.len(),
@@ -387,14 +402,39 @@ mod tests {
     #[test]
     fn cmdline_puts_defaults_first_and_respects_the_limit() {
         let kernel = elf_kernel();
-        let cmdline = build_cmdline(&kernel, " quiet ").unwrap();
+        let cmdline = build_cmdline(&kernel, &[], " quiet ").unwrap();
         let text = cmdline.as_cstring().unwrap().into_string().unwrap();
         assert_eq!(text, format!("{DEFAULT_CMDLINE} quiet"));
         let long = "x".repeat(DEFAULT_CMDLINE_CAPACITY);
         assert!(matches!(
-            build_cmdline(&kernel, &long),
+            build_cmdline(&kernel, &[], &long),
             Err(BootError::CmdlineTooLong { max: 2047, .. })
         ));
+    }
+
+    #[test]
+    fn virtio_devices_are_announced_before_the_user_cmdline() {
+        let slots = [
+            VirtioSlot {
+                base: 0xd000_0000,
+                size: 0x1000,
+                irq: 5,
+            },
+            VirtioSlot {
+                base: 0xd000_1000,
+                size: 0x1000,
+                irq: 6,
+            },
+        ];
+        let cmdline = build_cmdline(&elf_kernel(), &slots, "root=/dev/vda").unwrap();
+        let text = cmdline.as_cstring().unwrap().into_string().unwrap();
+        assert_eq!(
+            text,
+            format!(
+                "{DEFAULT_CMDLINE} virtio_mmio.device=4K@0xd0000000:5 \
+                 virtio_mmio.device=4K@0xd0001000:6 root=/dev/vda"
+            )
+        );
     }
 
     #[test]
@@ -407,9 +447,9 @@ mod tests {
             setup_header: Some(header),
             ..elf_kernel()
         };
-        assert!(build_cmdline(&kernel, &"y".repeat(30)).is_ok());
+        assert!(build_cmdline(&kernel, &[], &"y".repeat(30)).is_ok());
         assert!(matches!(
-            build_cmdline(&kernel, &"y".repeat(150)),
+            build_cmdline(&kernel, &[], &"y".repeat(150)),
             Err(BootError::CmdlineTooLong { max: 200, .. })
         ));
     }
@@ -442,7 +482,7 @@ mod tests {
     fn boot_params_carry_cmdline_initrd_e820_and_rsdp() {
         let mem = mem(64);
         let kernel = elf_kernel();
-        let cmdline = build_cmdline(&kernel, "nvmm_test=hello").unwrap();
+        let cmdline = build_cmdline(&kernel, &[], "nvmm_test=hello").unwrap();
         let initrd = InitrdLocation {
             addr: GuestAddress(0x300_0000),
             size: 123,

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+pub use nvmm_devices::virtio::block::DiskConfig;
+
 /// Everything needed to build and boot one VM.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmConfig {
@@ -20,6 +22,39 @@ pub struct VmConfig {
     pub cpuid: CpuidPolicy,
     /// Where the guest console meets the host.
     pub console: ConsoleConfig,
+    /// virtio-blk disks, in the order the guest sees them (vda, vdb, ...).
+    pub disks: Vec<DiskConfig>,
+    /// How the guest learns about virtio-mmio devices.
+    pub virtio_discovery: VirtioDiscovery,
+}
+
+/// How virtio-mmio devices are announced to the guest. Linux kernels with
+/// `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES` (NixOS) read `virtio_mmio.device=` from the command
+/// line; others (Debian) only find them as ACPI devices (`LNRO0005` in the DSDT). A kernel that
+/// reads both registers each device twice: the second registration of the same MMIO window
+/// fails its resource claim, so the device still appears once (with one probe error in
+/// dmesg). See ARCHITECTURE.md.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum VirtioDiscovery {
+    /// Command line and ACPI: works with every kernel.
+    #[default]
+    Both,
+    /// `virtio_mmio.device=` only.
+    Cmdline,
+    /// DSDT only.
+    Acpi,
+}
+
+impl VirtioDiscovery {
+    /// Whether devices go on the kernel command line.
+    pub fn cmdline(self) -> bool {
+        matches!(self, Self::Both | Self::Cmdline)
+    }
+
+    /// Whether devices go in the DSDT.
+    pub fn acpi(self) -> bool {
+        matches!(self, Self::Both | Self::Acpi)
+    }
 }
 
 /// Default guest memory.
@@ -36,6 +71,8 @@ impl VmConfig {
             vcpus: 1,
             cpuid: CpuidPolicy::default(),
             console: ConsoleConfig::default(),
+            disks: Vec::new(),
+            virtio_discovery: VirtioDiscovery::default(),
         }
     }
 }

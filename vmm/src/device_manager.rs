@@ -4,13 +4,19 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use kvm_ioctls::VmFd;
+use event_manager::MutEventSubscriber;
+use kvm_ioctls::{IoEventAddress, VmFd};
 use nvmm_devices::EventFdTrigger;
 use nvmm_devices::bus::{Bus, BusError};
 use nvmm_devices::legacy::{AcpiPowerRegisters, DebugPort, I8042, SerialPort, SerialWriter};
+use nvmm_devices::virtio::block::{Block, BlockError, DiskConfig};
+use nvmm_devices::virtio::mmio::{MMIO_WINDOW_SIZE, MmioError, MmioTransport};
+use nvmm_devices::virtio::{IrqTrigger, VirtioDevice};
+use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::layout::{irqs, ports};
+use crate::layout::{self, irqs, ports};
 
 /// Errors while attaching devices.
 #[derive(Debug, thiserror::Error)]
@@ -30,10 +36,43 @@ pub enum DeviceError {
     /// Bus conflict.
     #[error("cannot place a device on the bus")]
     Bus(#[from] BusError),
+    /// A disk could not be opened.
+    #[error(transparent)]
+    Disk(#[from] BlockError),
+    /// The virtio-mmio transport could not be created.
+    #[error("cannot create a virtio-mmio transport")]
+    Transport(#[from] MmioError),
+    /// ioeventfd registration failed.
+    #[error("cannot register the notification eventfd of queue {queue} at {addr:#x}")]
+    RegisterIoEvent {
+        /// Queue index.
+        queue: usize,
+        /// MMIO address.
+        addr: u64,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// No MMIO window or interrupt line left.
+    #[error("too many virtio devices: at most {} are supported", irqs::VIRTIO.len())]
+    TooManyVirtioDevices,
 }
 
+/// Where a virtio-mmio device lives, for the command line and the DSDT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtioSlot {
+    /// Start of its 4 KiB MMIO window.
+    pub base: u64,
+    /// Window size.
+    pub size: u64,
+    /// Its interrupt line (GSI).
+    pub irq: u32,
+}
+
+/// An event-loop subscriber a device needs.
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
 /// The buses and the host side of the devices' events.
-#[derive(Debug)]
 pub struct Devices {
     /// Port I/O bus.
     pub pio: Bus,
@@ -41,10 +80,21 @@ pub struct Devices {
     pub mmio: Bus,
     /// What the event loop watches.
     pub events: DeviceEvents,
+    /// virtio-mmio devices, in attach order.
+    pub virtio: Vec<VirtioSlot>,
+}
+
+impl std::fmt::Debug for Devices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Devices")
+            .field("pio", &self.pio)
+            .field("mmio", &self.mmio)
+            .field("virtio", &self.virtio)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Host-side handles the event loop needs.
-#[derive(Debug)]
 pub struct DeviceEvents {
     /// COM1, shared with the console input.
     pub serial: Arc<Mutex<SerialPort>>,
@@ -54,6 +104,16 @@ pub struct DeviceEvents {
     pub poweroff: EventFd,
     /// Signalled when the guest resets (i8042 or ACPI reset register).
     pub reset: EventFd,
+    /// Devices that process their own events (virtio queues).
+    pub subscribers: Vec<Subscriber>,
+}
+
+impl std::fmt::Debug for DeviceEvents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceEvents")
+            .field("subscribers", &self.subscribers.len())
+            .finish_non_exhaustive()
+    }
 }
 
 fn eventfd() -> Result<EventFd, DeviceError> {
@@ -119,6 +179,71 @@ pub fn attach_legacy_devices(
             serial_fifo_room,
             poweroff,
             reset,
+            subscribers: Vec::new(),
         },
+        virtio: Vec::new(),
     })
+}
+
+/// Opens every disk and attaches it as a virtio-blk device, in order.
+pub fn attach_disks(
+    vm: &VmFd,
+    devices: &mut Devices,
+    mem: &GuestMemoryMmap,
+    disks: &[DiskConfig],
+) -> Result<(), DeviceError> {
+    for disk in disks {
+        let block = Arc::new(Mutex::new(Block::new(disk)?));
+        attach_virtio(vm, devices, mem, block)?;
+    }
+    Ok(())
+}
+
+/// Puts `device` behind a virtio-mmio transport in the next free window: one ioeventfd per
+/// queue (QueueNotify with the queue index as datamatch) and one irqfd, registered here; the
+/// device is also an event-loop subscriber for those queue events.
+fn attach_virtio<D>(
+    vm: &VmFd,
+    devices: &mut Devices,
+    mem: &GuestMemoryMmap,
+    device: Arc<Mutex<D>>,
+) -> Result<(), DeviceError>
+where
+    D: VirtioDevice + MutEventSubscriber + 'static,
+{
+    let index = devices.virtio.len();
+    let irq = *irqs::VIRTIO
+        .get(index)
+        .ok_or(DeviceError::TooManyVirtioDevices)?;
+    let slot = VirtioSlot {
+        base: layout::VIRTIO_MMIO_START + index as u64 * MMIO_WINDOW_SIZE,
+        size: MMIO_WINDOW_SIZE,
+        irq,
+    };
+    let irq_fd = eventfd()?;
+    vm.register_irqfd(&irq_fd, irq)
+        .map_err(|source| DeviceError::RegisterIrqFd { irq, source })?;
+    let notify = slot.base + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY);
+    {
+        let locked = device.lock().unwrap_or_else(|p| p.into_inner());
+        for (queue, event) in locked.queue_events().iter().enumerate() {
+            vm.register_ioevent(event, &IoEventAddress::Mmio(notify), queue as u32)
+                .map_err(|source| DeviceError::RegisterIoEvent {
+                    queue,
+                    addr: notify,
+                    source,
+                })?;
+        }
+    }
+    let transport = MmioTransport::new(
+        device.clone(),
+        mem.clone(),
+        Arc::new(IrqTrigger::new(irq_fd)),
+    )?;
+    devices
+        .mmio
+        .insert(Arc::new(Mutex::new(transport)), slot.base, slot.size)?;
+    devices.events.subscribers.push(device);
+    devices.virtio.push(slot);
+    Ok(())
 }

@@ -39,6 +39,8 @@ pub const HIGH_MEMORY_START: u64 = 0x10_0000;
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 /// RAM beyond [`MMIO_HOLE_START`] continues here.
 pub const FIRST_ADDR_PAST_4GIB: u64 = 1 << 32;
+/// First virtio-mmio window; each device gets 4 KiB.
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
 /// IOAPIC registers.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// Local APIC registers (every vCPU sees its own here).
@@ -68,6 +70,11 @@ pub mod irqs {
     pub const I8042: u32 = 1;
     /// COM1.
     pub const COM1: u32 = 4;
+    /// Lines for virtio devices, in allocation order: the free ISA IRQs first (no PIT=0, kbd=1,
+    /// cascade=2, COM2=3, COM1=4, RTC=8, FPU=13), then the IOAPIC-only GSIs 16..=23.
+    pub const VIRTIO: [u32; 17] = [
+        5, 6, 7, 9, 10, 11, 12, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23,
+    ];
 }
 
 // The fixed boot structures must not overlap each other; checked at compile time.
@@ -78,6 +85,7 @@ const _: () = {
     assert!(PDE_START + 0x1000 <= CMDLINE_START);
     assert!(CMDLINE_START + 0x1_0000 <= EBDA_START);
     assert!(MMIO_HOLE_START < IOAPIC_START && LAPIC_START < KVM_TSS_START);
+    assert!(MMIO_HOLE_START <= VIRTIO_MMIO_START && VIRTIO_MMIO_START + 0x1000 * 17 < IOAPIC_START);
 };
 
 /// The guest RAM regions for `mem_bytes` of memory: everything below the MMIO hole, the rest

@@ -16,6 +16,11 @@ pub mod kvm;
 pub mod layout;
 pub mod vcpu;
 
+/// The device models nvmm is built from (re-exported so the CLI can name their errors).
+pub mod devices {
+    pub use nvmm_devices::virtio::block::BlockError;
+}
+
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
@@ -23,7 +28,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-pub use config::{ConsoleConfig, CpuidPolicy, DEFAULT_MEM_MIB, VmConfig};
+pub use config::{
+    ConsoleConfig, CpuidPolicy, DEFAULT_MEM_MIB, DiskConfig, VirtioDiscovery, VmConfig,
+};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, VmFd};
@@ -147,15 +154,28 @@ pub fn build_and_boot(config: &VmConfig) -> Result<Vm, Error> {
     let mem = kvm::create_guest_memory(config.mem_mib)?;
     let vm = kvm::create_vm(&kvm, &mem)?;
     let vcpu_fds = create_vcpus(&vm, config.vcpus)?;
-    let devices = device_manager::attach_legacy_devices(&vm, Box::new(RawStdout), process_start)?;
+    let mut devices =
+        device_manager::attach_legacy_devices(&vm, Box::new(RawStdout), process_start)?;
+    device_manager::attach_disks(&vm, &mut devices, &mem, &config.disks)?;
+    let discovery = config.virtio_discovery;
+    let cmdline_devices = if discovery.cmdline() {
+        &devices.virtio[..]
+    } else {
+        &[]
+    };
+    let acpi_devices = if discovery.acpi() {
+        &devices.virtio[..]
+    } else {
+        &[]
+    };
 
     let kernel = boot::load_kernel(&mem, &config.kernel)?;
     let initrd = match &config.initrd {
         Some(path) => Some(boot::load_initrd(&mem, &kernel, path, mem_bytes)?),
         None => None,
     };
-    let cmdline = boot::build_cmdline(&kernel, &config.cmdline)?;
-    let rsdp = acpi::write_acpi_tables(&mem, config.vcpus)?;
+    let cmdline = boot::build_cmdline(&kernel, cmdline_devices, &config.cmdline)?;
+    let rsdp = acpi::write_acpi_tables(&mem, config.vcpus, acpi_devices)?;
     boot::write_long_mode_tables(&mem)?;
     let entry = boot::write_boot_params(&mem, &kernel, &cmdline, initrd, mem_bytes, rsdp)?;
 
@@ -380,6 +400,7 @@ impl Vm {
             serial_fifo_room,
             poweroff,
             reset,
+            subscribers,
         } = events;
         let eventfd_err = |e| Error::Devices(DeviceError::EventFd(e));
         let stop_handle = StopHandle::new().map_err(eventfd_err)?;
@@ -395,6 +416,9 @@ impl Vm {
         }));
         let mut event_manager = EventManager::<Subscriber>::new().map_err(Error::EventLoop)?;
         event_manager.add_subscriber(monitor.clone());
+        for subscriber in subscribers {
+            event_manager.add_subscriber(subscriber);
+        }
         if console.stdin {
             let input = ConsoleInput::new(
                 &std::io::stdin().as_raw_fd(),

@@ -1,0 +1,207 @@
+//! Virtio devices: the device-side [`VirtioDevice`] trait, the interrupt a device raises, and
+//! the virtio-mmio transport ([`mmio::MmioTransport`]) that owns the register file.
+//!
+//! A device never sees MMIO: the transport negotiates features, collects the queue layout and
+//! calls [`VirtioDevice::activate`] when the driver sets DRIVER_OK. Notifications reach the
+//! device through one eventfd per queue (a KVM ioeventfd in production), and the device answers
+//! only through its [`IrqTrigger`].
+
+pub mod block;
+pub mod mmio;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// `VIRTIO_F_VERSION_1`: virtio 1.x (modern) semantics.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+/// `VIRTIO_RING_F_INDIRECT_DESC`.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 =
+    1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+/// `VIRTIO_RING_F_EVENT_IDX`: notification suppression with used/avail event indexes.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+/// Features every nvmm device offers: virtio-queue implements them for any device.
+pub const TRANSPORT_FEATURES: u64 =
+    VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX;
+
+/// Why a device could not be activated.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ActivateError {
+    /// The driver did not set up a queue the device needs.
+    #[error("queue {0} is not ready or not valid in guest memory")]
+    InvalidQueue(usize),
+    /// Wrong number of queues.
+    #[error("device needs {expected} queues, driver configured {got}")]
+    QueueCount {
+        /// Needed.
+        expected: usize,
+        /// Given.
+        got: usize,
+    },
+}
+
+/// Which interrupt a device raises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InterruptKind {
+    /// A used ring was updated.
+    Queue,
+    /// The device configuration changed.
+    Config,
+}
+
+/// A device's interrupt line: the InterruptStatus bits the driver reads, and an eventfd (a KVM
+/// irqfd in production) that injects the interrupt.
+#[derive(Debug)]
+pub struct IrqTrigger {
+    status: AtomicU32,
+    config_generation: AtomicU32,
+    irq: EventFd,
+}
+
+impl IrqTrigger {
+    /// `irq` is signalled for every interrupt.
+    pub fn new(irq: EventFd) -> Self {
+        Self {
+            status: AtomicU32::new(0),
+            config_generation: AtomicU32::new(0),
+            irq,
+        }
+    }
+
+    /// Sets the status bit for `kind` and injects the interrupt.
+    pub fn trigger(&self, kind: InterruptKind) {
+        let bit = match kind {
+            InterruptKind::Queue => virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING,
+            InterruptKind::Config => {
+                self.config_generation.fetch_add(1, Ordering::AcqRel);
+                virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG
+            }
+        };
+        self.status.fetch_or(bit, Ordering::AcqRel);
+        if let Err(err) = self.irq.write(1) {
+            log::warn!("cannot inject a virtio interrupt: {err}");
+        }
+    }
+
+    /// InterruptStatus.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::Acquire)
+    }
+
+    /// InterruptACK: clears the acknowledged bits.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::AcqRel);
+    }
+
+    /// ConfigGeneration: changes whenever the device raises a config interrupt.
+    pub fn config_generation(&self) -> u32 {
+        self.config_generation.load(Ordering::Acquire)
+    }
+
+    fn reset(&self) {
+        self.status.store(0, Ordering::Release);
+    }
+
+    /// The eventfd behind the interrupt (registered as an irqfd).
+    pub fn event_fd(&self) -> &EventFd {
+        &self.irq
+    }
+}
+
+/// A virtio device's own logic, independent of the transport.
+pub trait VirtioDevice: Send {
+    /// Virtio device ID (2 = block, 1 = net, 3 = console).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Device-specific feature bits offered (the transport adds [`TRANSPORT_FEATURES`]).
+    fn device_features(&self) -> u64;
+    /// One eventfd per queue, signalled when the driver notifies that queue.
+    fn queue_events(&self) -> &[EventFd];
+    /// Reads device configuration space at `offset`; bytes past its end read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes device configuration space (most devices ignore writes).
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts the device with the negotiated `features` and the driver's queues.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<IrqTrigger>,
+        features: u64,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError>;
+    /// Returns the device to its initial, inactive state (queues dropped).
+    fn reset(&mut self);
+    /// Whether [`Self::activate`] succeeded and no reset happened since.
+    fn is_activated(&self) -> bool;
+}
+
+/// Logs each kind of guest error once per device, so a hostile guest cannot flood the log.
+#[derive(Debug, Default)]
+pub struct LogOnce {
+    seen: u64,
+}
+
+impl LogOnce {
+    /// True the first time `kind` (0..64) is seen.
+    pub fn first(&mut self, kind: u32) -> bool {
+        let bit = 1u64 << (kind % 64);
+        let first = self.seen & bit == 0;
+        self.seen |= bit;
+        first
+    }
+}
+
+/// Copies `value`'s little-endian bytes at `offset` of a config space read into `data`.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(available) = config.get(start..) {
+        let n = available.len().min(data.len());
+        data[..n].copy_from_slice(&available[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interrupt_status_and_generation() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let trigger = IrqTrigger::new(irq.try_clone().unwrap());
+        trigger.trigger(InterruptKind::Queue);
+        assert_eq!(trigger.status(), 1);
+        trigger.trigger(InterruptKind::Config);
+        assert_eq!(trigger.status(), 3);
+        assert_eq!(trigger.config_generation(), 1);
+        assert_eq!(irq.read().unwrap(), 2);
+        trigger.ack(1);
+        assert_eq!(trigger.status(), 2);
+    }
+
+    #[test]
+    fn config_reads_are_bounded() {
+        let config = [1u8, 2, 3, 4];
+        let mut data = [0xffu8; 4];
+        read_config_bytes(&config, 2, &mut data);
+        assert_eq!(data, [3, 4, 0, 0]);
+        read_config_bytes(&config, 100, &mut data);
+        assert_eq!(data, [0; 4]);
+        read_config_bytes(&config, u64::MAX, &mut data);
+        assert_eq!(data, [0; 4]);
+    }
+
+    #[test]
+    fn log_once_per_kind() {
+        let mut log = LogOnce::default();
+        assert!(log.first(3));
+        assert!(!log.first(3));
+        assert!(log.first(4));
+    }
+}
