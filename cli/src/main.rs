@@ -1,6 +1,7 @@
 //! `nvmm`: run NixOS configurations (and any Linux kernel) as local microVMs on KVM.
 
 mod args;
+mod disks;
 mod doctor;
 mod exit;
 mod logger;
