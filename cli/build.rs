@@ -9,7 +9,14 @@ use std::process::Command;
 fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let guest_dir = manifest_dir.join("../tests/guest");
-    for input in ["src", "Cargo.toml", "link.ld", ".cargo/config.toml"] {
+    for input in [
+        "src",
+        "build.rs",
+        "link.ld",
+        "Cargo.toml",
+        "Cargo.lock",
+        ".cargo/config.toml",
+    ] {
         println!("cargo:rerun-if-changed={}", guest_dir.join(input).display());
     }
     let target_dir = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo")).join("guest");

@@ -144,6 +144,27 @@ fn guest_writes_reads_and_identifies_several_disks() {
 }
 
 #[test]
+fn works_without_event_idx_and_indirect_descriptors_on_a_small_queue() {
+    if !kvm_or_skip("blk minimal features") {
+        return;
+    }
+    let disk = Image::zeroed("minimal", 128);
+    let out = run(guest_command(
+        "nvmm_test=blk virtio_event_idx=0 virtio_indirect=0 virtio_queue_size=8",
+        &["--disk", disk.path()],
+    ));
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    assert!(
+        out.stdout.contains("queue_size=8 event_idx=0 indirect=0"),
+        "{out:?}"
+    );
+    assert!(out.stdout.contains("result=ok"), "{out:?}");
+    for sector in [0, 1, 127] {
+        assert_eq!(disk.sector(sector), pattern(sector));
+    }
+}
+
+#[test]
 fn guest_reads_whole_disks_correctly() {
     if !kvm_or_skip("blkhash") {
         return;

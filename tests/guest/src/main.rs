@@ -13,7 +13,10 @@
 mod serial;
 
 mod acpi;
+mod blk;
+mod blk_scenarios;
 mod bootinfo;
+mod dma;
 mod entry;
 mod io;
 mod mem;
@@ -21,6 +24,8 @@ mod power;
 mod scenarios;
 mod smp;
 mod time;
+mod virtio_mmio;
+mod virtqueue;
 
 use core::panic::PanicInfo;
 

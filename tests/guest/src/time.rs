@@ -68,6 +68,12 @@ impl Deadline {
     }
 }
 
+/// Microseconds since `start` (a [`rdtsc`] value), at the rate [`init`] found
+/// or guessed: rough, for reports; hosts time benchmarks themselves.
+pub fn us_since(start: u64) -> u64 {
+    rdtsc().saturating_sub(start).saturating_mul(1000) / TSC_KHZ.load(Ordering::Relaxed)
+}
+
 /// Busy-waits for about `us` microseconds.
 pub fn delay_us(us: u64) {
     let deadline = Deadline::after_us(us);
