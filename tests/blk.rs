@@ -314,3 +314,30 @@ fn read_only_file_without_ro_is_a_clear_error() {
     let out = run(cmd);
     assert_user_error(&out, "read-write: Read-only file system", "add ,ro");
 }
+
+#[test]
+fn concurrent_vms_share_one_read_only_image() {
+    if !kvm_or_skip("shared store image") {
+        return;
+    }
+    let data = random_bytes(64 * 1024, 5);
+    let store = Image::new("shared-store", &data);
+    let spawn = || {
+        guest_command(
+            "nvmm_test=blkhash",
+            &["--disk", &format!("{},ro", store.path())],
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+    };
+    let (first, second) = (spawn(), spawn());
+    let expected = format!("blk dev=0 sectors=128 fnv1a64={:016x}", fnv1a64(&data));
+    for child in [first, second] {
+        let out = wait_with_guard(child);
+        assert_eq!(out.code(), Some(0), "{out:?}");
+        assert!(out.stdout.contains(&expected), "{out:?}");
+    }
+}

@@ -70,20 +70,28 @@ pub fn create_guest_memory(mem_mib: u64) -> Result<GuestMemoryMmap, KvmError> {
         .into_iter()
         .map(|(addr, len)| (addr, len as usize))
         .collect();
-    let mem = GuestMemoryMmap::from_ranges(&regions).map_err(|source| KvmError::AllocateMemory {
-        mib: mem_mib,
-        source,
-    })?;
+    let mem =
+        GuestMemoryMmap::from_ranges(&regions).map_err(|source| KvmError::AllocateMemory {
+            mib: mem_mib,
+            source,
+        })?;
     for region in mem.iter() {
         // Transparent huge pages: fewer host page faults and TLB misses for the guest (QEMU
         // asks for the same). Only a hint; failure just means 4 KiB pages.
         // SAFETY: the range is exactly one live mapping owned by `mem`; MADV_HUGEPAGE changes
         // no contents and no protections.
         let rc = unsafe {
-            libc::madvise(region.as_ptr().cast(), region.len() as usize, libc::MADV_HUGEPAGE)
+            libc::madvise(
+                region.as_ptr().cast(),
+                region.len() as usize,
+                libc::MADV_HUGEPAGE,
+            )
         };
         if rc != 0 {
-            log::debug!("madvise(MADV_HUGEPAGE) failed: {}", std::io::Error::last_os_error());
+            log::debug!(
+                "madvise(MADV_HUGEPAGE) failed: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
     Ok(mem)
