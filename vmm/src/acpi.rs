@@ -249,18 +249,7 @@ mod tests {
     #[test]
     fn virtio_devices_are_in_the_dsdt() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
-        let slots = [
-            VirtioSlot {
-                base: 0xd000_0000,
-                size: 0x1000,
-                irq: 5,
-            },
-            VirtioSlot {
-                base: 0xd000_1000,
-                size: 0x1000,
-                irq: 6,
-            },
-        ];
+        let slots = crate::device_manager::test_slots(2);
         let rsdp = write_acpi_tables(&mem, 1, &slots).unwrap();
         let xsdt: u64 = mem.read_obj(GuestAddress(rsdp.0 + 24)).unwrap();
         let fadt: u64 = mem.read_obj(GuestAddress(xsdt + 36)).unwrap();

@@ -414,18 +414,7 @@ mod tests {
 
     #[test]
     fn virtio_devices_are_announced_before_the_user_cmdline() {
-        let slots = [
-            VirtioSlot {
-                base: 0xd000_0000,
-                size: 0x1000,
-                irq: 5,
-            },
-            VirtioSlot {
-                base: 0xd000_1000,
-                size: 0x1000,
-                irq: 6,
-            },
-        ];
+        let slots = crate::device_manager::test_slots(2);
         let cmdline = build_cmdline(&elf_kernel(), &slots, "root=/dev/vda").unwrap();
         let text = cmdline.as_cstring().unwrap().into_string().unwrap();
         assert_eq!(

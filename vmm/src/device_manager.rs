@@ -69,6 +69,18 @@ pub struct VirtioSlot {
     pub irq: u32,
 }
 
+/// The first `count` slots `attach_virtio` hands out, for tests of the command line and DSDT.
+#[cfg(test)]
+pub(crate) fn test_slots(count: usize) -> Vec<VirtioSlot> {
+    (0..count)
+        .map(|index| VirtioSlot {
+            base: layout::VIRTIO_MMIO_START + index as u64 * MMIO_WINDOW_SIZE,
+            size: MMIO_WINDOW_SIZE,
+            irq: irqs::VIRTIO[index],
+        })
+        .collect()
+}
+
 /// An event-loop subscriber a device needs.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
