@@ -69,16 +69,19 @@ pub struct VirtioSlot {
     pub irq: u32,
 }
 
-/// The first `count` slots `attach_virtio` hands out, for tests of the command line and DSDT.
+/// The MMIO window and interrupt line of the `index`th virtio device, if there is one left.
+fn virtio_slot(index: usize) -> Option<VirtioSlot> {
+    Some(VirtioSlot {
+        base: layout::VIRTIO_MMIO_START + index as u64 * MMIO_WINDOW_SIZE,
+        size: MMIO_WINDOW_SIZE,
+        irq: *irqs::VIRTIO.get(index)?,
+    })
+}
+
+/// The first `count` slots, for tests of the command line and DSDT.
 #[cfg(test)]
 pub(crate) fn test_slots(count: usize) -> Vec<VirtioSlot> {
-    (0..count)
-        .map(|index| VirtioSlot {
-            base: layout::VIRTIO_MMIO_START + index as u64 * MMIO_WINDOW_SIZE,
-            size: MMIO_WINDOW_SIZE,
-            irq: irqs::VIRTIO[index],
-        })
-        .collect()
+    (0..count).filter_map(virtio_slot).collect()
 }
 
 /// An event-loop subscriber a device needs.
@@ -223,15 +226,8 @@ fn attach_virtio<D>(
 where
     D: VirtioDevice + MutEventSubscriber + 'static,
 {
-    let index = devices.virtio.len();
-    let irq = *irqs::VIRTIO
-        .get(index)
-        .ok_or(DeviceError::TooManyVirtioDevices)?;
-    let slot = VirtioSlot {
-        base: layout::VIRTIO_MMIO_START + index as u64 * MMIO_WINDOW_SIZE,
-        size: MMIO_WINDOW_SIZE,
-        irq,
-    };
+    let slot = virtio_slot(devices.virtio.len()).ok_or(DeviceError::TooManyVirtioDevices)?;
+    let irq = slot.irq;
     let irq_fd = eventfd()?;
     vm.register_irqfd(&irq_fd, irq)
         .map_err(|source| DeviceError::RegisterIrqFd { irq, source })?;
