@@ -341,3 +341,18 @@ fn concurrent_vms_share_one_read_only_image() {
         assert!(out.stdout.contains(&expected), "{out:?}");
     }
 }
+
+#[test]
+fn more_disks_than_interrupt_lines_is_a_clear_error() {
+    if !kvm_or_skip("too many disks") {
+        return;
+    }
+    let disk = Image::zeroed("many", 8);
+    let spec = format!("{},ro", disk.path());
+    let mut args = Vec::new();
+    for _ in 0..18 {
+        args.extend(["--disk", spec.as_str()]);
+    }
+    let out = nvmm_run(&args);
+    assert_user_error(&out, "too many virtio devices: at most 17", "fewer disks");
+}
