@@ -8,6 +8,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -1,0 +1,267 @@
+//! virtio-net tests with mock queues and a datagram socket pair standing in for the tap.
+
+use std::os::unix::net::UnixDatagram;
+
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::GuestAddress;
+
+use super::*;
+
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+const RX_BASE: u64 = 0;
+const TX_BASE: u64 = 0x1_0000;
+const SIZE: u16 = 16;
+
+/// One split queue laid out by MockSplitQueue, driven by hand afterwards.
+struct Ring {
+    desc: u64,
+    avail: u64,
+    used: u64,
+    next_desc: u16,
+}
+
+impl Ring {
+    fn add_chain(&mut self, mem: &GuestMemoryMmap, descs: &[(u64, u32, bool)]) {
+        let start = self.next_desc;
+        for (i, &(addr, len, writable)) in descs.iter().enumerate() {
+            let mut flags = if writable { F_WRITE } else { 0 };
+            if i + 1 < descs.len() {
+                flags |= F_NEXT;
+            }
+            let index = (start + i as u16) % SIZE;
+            let desc =
+                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, (index + 1) % SIZE));
+            mem.write_obj(desc, GuestAddress(self.desc + u64::from(index) * 16))
+                .unwrap();
+        }
+        let idx: u16 = mem.read_obj(GuestAddress(self.avail + 2)).unwrap();
+        mem.write_obj(
+            start % SIZE,
+            GuestAddress(self.avail + 4 + 2 * u64::from(idx % SIZE)),
+        )
+        .unwrap();
+        mem.write_obj(idx.wrapping_add(1), GuestAddress(self.avail + 2))
+            .unwrap();
+        self.next_desc = (start + descs.len() as u16) % SIZE;
+    }
+
+    fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
+        mem.read_obj(GuestAddress(self.used + 2)).unwrap()
+    }
+
+    fn used(&self, mem: &GuestMemoryMmap, index: u16) -> (u32, u32) {
+        let base = self.used + 4 + 8 * u64::from(index % SIZE);
+        (
+            mem.read_obj(GuestAddress(base)).unwrap(),
+            mem.read_obj(GuestAddress(base + 4)).unwrap(),
+        )
+    }
+}
+
+struct Harness {
+    mem: GuestMemoryMmap,
+    net: Net<UnixDatagram>,
+    peer: UnixDatagram,
+    irq: EventFd,
+    rx: Ring,
+    tx: Ring,
+}
+
+fn harness(mergeable: bool) -> Harness {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+    let (ours, peer) = UnixDatagram::pair().unwrap();
+    ours.set_nonblocking(true).unwrap();
+    let mut net = Net::new(ours, [0x52, 0x54, 0, 0x12, 0x34, 0x56]).unwrap();
+    let make = |base| {
+        let mock = MockSplitQueue::create(&mem, GuestAddress(base), SIZE);
+        let queue: Queue = mock.create_queue().unwrap();
+        let ring = Ring {
+            desc: mock.desc_table_addr().0,
+            avail: mock.avail_addr().0,
+            used: mock.used_addr().0,
+            next_desc: 0,
+        };
+        (queue, ring)
+    };
+    let (rxq, rx) = make(RX_BASE);
+    let (txq, tx) = make(TX_BASE);
+    let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let features = if mergeable {
+        1 << VIRTIO_NET_F_MRG_RXBUF
+    } else {
+        0
+    };
+    net.activate(
+        mem.clone(),
+        Arc::new(IrqTrigger::new(irq.try_clone().unwrap())),
+        features,
+        vec![rxq, txq],
+    )
+    .unwrap();
+    Harness {
+        mem,
+        net,
+        peer,
+        irq,
+        rx,
+        tx,
+    }
+}
+
+fn frame(payload_len: usize) -> Vec<u8> {
+    let mut f = vec![0u8; VNET_HDR_LEN];
+    f.extend((0..payload_len).map(|i| (i % 251) as u8));
+    f
+}
+
+#[test]
+fn transmit_gathers_descriptors_into_one_frame() {
+    let mut h = harness(false);
+    let f = frame(1500);
+    h.mem
+        .write_slice(&f[..100], GuestAddress(0x10_0000))
+        .unwrap();
+    h.mem
+        .write_slice(&f[100..], GuestAddress(0x11_0000))
+        .unwrap();
+    h.tx.add_chain(
+        &h.mem,
+        &[
+            (0x10_0000, 100, false),
+            (0x11_0000, (f.len() - 100) as u32, false),
+        ],
+    );
+    h.net.process_tx();
+    let mut got = vec![0u8; 4096];
+    let n = h.peer.recv(&mut got).unwrap();
+    assert_eq!(&got[..n], &f[..]);
+    assert_eq!(h.tx.used_idx(&h.mem), 1);
+    assert_eq!(h.net.counters().tx_frames, 1);
+    assert_eq!(h.irq.read().unwrap(), 1);
+}
+
+#[test]
+fn malformed_transmit_chains_are_dropped_and_returned() {
+    let mut h = harness(false);
+    h.tx.add_chain(&h.mem, &[(0x10_0000, 64, true)]);
+    h.tx.add_chain(&h.mem, &[(0x10_0000, 8, false)]);
+    h.tx.add_chain(&h.mem, &[(0x3f_fff0, 0x100, false)]);
+    h.net.process_tx();
+    assert_eq!(h.tx.used_idx(&h.mem), 3, "every chain is returned");
+    assert_eq!(h.net.counters().tx_dropped, 3);
+    h.peer.set_nonblocking(true).unwrap();
+    assert!(h.peer.recv(&mut [0u8; 64]).is_err(), "nothing was sent");
+}
+
+#[test]
+fn received_frames_land_in_guest_buffers_with_num_buffers_set() {
+    let mut h = harness(false);
+    h.rx.add_chain(&h.mem, &[(0x20_0000, 4096, true)]);
+    let f = frame(1000);
+    h.peer.send(&f).unwrap();
+    h.net.process_rx();
+    assert_eq!(h.rx.used_idx(&h.mem), 1);
+    assert_eq!(h.rx.used(&h.mem, 0), (0, f.len() as u32));
+    let mut got = vec![0u8; f.len()];
+    h.mem.read_slice(&mut got, GuestAddress(0x20_0000)).unwrap();
+    assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1);
+    assert_eq!(&got[VNET_HDR_LEN..], &f[VNET_HDR_LEN..]);
+    assert_eq!(h.irq.read().unwrap(), 1);
+}
+
+#[test]
+fn frames_wait_for_buffers_instead_of_being_dropped() {
+    let mut h = harness(false);
+    for _ in 0..3 {
+        h.peer.send(&frame(200)).unwrap();
+    }
+    h.net.process_rx();
+    assert_eq!(h.rx.used_idx(&h.mem), 0);
+    assert_eq!(h.net.counters().rx_dropped_too_large, 0);
+    h.rx.add_chain(&h.mem, &[(0x20_0000, 2048, true)]);
+    h.net.process_rx();
+    assert_eq!(h.rx.used_idx(&h.mem), 1, "one buffer, one frame");
+    h.rx.add_chain(&h.mem, &[(0x21_0000, 2048, true)]);
+    h.rx.add_chain(&h.mem, &[(0x22_0000, 2048, true)]);
+    h.net.process_rx();
+    assert_eq!(h.rx.used_idx(&h.mem), 3);
+    assert_eq!(h.net.counters().rx_frames, 3);
+}
+
+#[test]
+fn mergeable_buffers_split_a_large_frame() {
+    let mut h = harness(true);
+    for i in 0..4u64 {
+        h.rx.add_chain(&h.mem, &[(0x20_0000 + i * 0x1_0000, 1024, true)]);
+    }
+    let f = frame(3000);
+    h.peer.send(&f).unwrap();
+    h.net.process_rx();
+    assert_eq!(
+        h.rx.used_idx(&h.mem),
+        3,
+        "3012 bytes in three 1 KiB buffers"
+    );
+    assert_eq!(h.rx.used(&h.mem, 2).1, (f.len() - 2048) as u32);
+    let mut first = vec![0u8; 1024];
+    h.mem
+        .read_slice(&mut first, GuestAddress(0x20_0000))
+        .unwrap();
+    assert_eq!(u16::from_le_bytes([first[10], first[11]]), 3);
+    let mut last = vec![0u8; f.len() - 2048];
+    h.mem
+        .read_slice(&mut last, GuestAddress(0x22_0000))
+        .unwrap();
+    assert_eq!(&last[..], &f[2048..]);
+}
+
+#[test]
+fn frames_larger_than_a_buffer_are_dropped_without_mergeable_buffers() {
+    let mut h = harness(false);
+    h.rx.add_chain(&h.mem, &[(0x20_0000, 512, true)]);
+    h.peer.send(&frame(1500)).unwrap();
+    h.peer.send(&frame(100)).unwrap();
+    h.net.process_rx();
+    assert_eq!(h.net.counters().rx_dropped_too_large, 1);
+    assert_eq!(
+        h.rx.used_idx(&h.mem),
+        1,
+        "the small frame used the same buffer"
+    );
+    assert_eq!(h.rx.used(&h.mem, 0).1, 112);
+}
+
+#[test]
+fn mergeable_frames_larger_than_the_whole_queue_do_not_block_receive() {
+    let mut h = harness(true);
+    for i in 0..SIZE as u64 {
+        h.rx.add_chain(&h.mem, &[(0x20_0000 + i * 0x1000, 64, true)]);
+    }
+    h.peer.send(&frame(4000)).unwrap();
+    h.peer.send(&frame(20)).unwrap();
+    h.net.process_rx();
+    assert_eq!(h.net.counters().rx_dropped_too_large, 1);
+    assert_eq!(h.net.counters().rx_frames, 1);
+}
+
+#[test]
+fn config_space_has_the_mac_and_link_up() {
+    let h = harness(false);
+    let mut config = [0u8; 8];
+    h.net.read_config(0, &mut config);
+    assert_eq!(&config[..6], &[0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+    assert_eq!(u16::from_le_bytes([config[6], config[7]]), 1);
+    assert_ne!(h.net.device_features() & (1 << VIRTIO_NET_F_MRG_RXBUF), 0);
+}
+
+#[test]
+fn offloads_follow_the_guest_features() {
+    assert_eq!(offload_flags(0), 0);
+    let csum_tso = (1 << VIRTIO_NET_F_GUEST_CSUM) | (1 << VIRTIO_NET_F_GUEST_TSO4);
+    assert_eq!(offload_flags(csum_tso), TUN_F_CSUM | TUN_F_TSO4);
+    // TSO without checksum offload is not allowed by the tap.
+    assert_eq!(offload_flags(1 << VIRTIO_NET_F_GUEST_TSO6), 0);
+}
