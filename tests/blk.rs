@@ -354,5 +354,5 @@ fn more_disks_than_interrupt_lines_is_a_clear_error() {
         args.extend(["--disk", spec.as_str()]);
     }
     let out = nvmm_run(&args);
-    assert_user_error(&out, "too many virtio devices: at most 17", "fewer disks");
+    assert_user_error(&out, "at most 17 are supported", "fewer disks");
 }

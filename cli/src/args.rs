@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use nvmm_vmm::{
-    ConsoleConfig, CpuidPolicy, DEFAULT_MEM_MIB, DiskConfig, VirtioDiscovery, VmConfig,
+    ConsoleConfig, CpuidPolicy, DEFAULT_MEM_MIB, DiskConfig, NetConfig, VirtioDiscovery, VmConfig,
 };
 
 /// Run NixOS configurations, or any Linux kernel, as microVMs on KVM.
@@ -71,6 +71,10 @@ pub struct RunArgs {
     /// `serial=ID` (what the guest reads as its ID). Repeatable; the guest sees vda, vdb, ...
     #[arg(long, value_name = "PATH[,ro][,serial=ID]", value_parser = parse_disk)]
     pub disk: Vec<DiskConfig>,
+    /// A virtio-net interface on an existing tap device you manage yourself, with an optional
+    /// MAC address (default: derived from the tap name). Repeatable.
+    #[arg(long, value_name = "TAP[,mac=MAC]", value_parser = parse_tap)]
+    pub tap: Vec<NetConfig>,
     /// How the guest learns about virtio devices: the kernel command line, ACPI, or both.
     #[arg(long, value_name = "HOW", default_value = "both")]
     pub virtio_discovery: Discovery,
@@ -95,6 +99,49 @@ impl From<Discovery> for VirtioDiscovery {
             Discovery::Acpi => VirtioDiscovery::Acpi,
         }
     }
+}
+
+/// `TAP[,mac=52:54:00:12:34:56]`.
+fn parse_tap(spec: &str) -> Result<NetConfig, String> {
+    let mut parts = spec.split(',');
+    let tap = parts
+        .next()
+        .filter(|t| !t.is_empty())
+        .ok_or("the tap name is empty")?;
+    let mut mac = derived_mac(tap.as_bytes());
+    for option in parts {
+        match option.split_once('=') {
+            Some(("mac", value)) => mac = parse_mac(value)?,
+            _ => return Err(format!("unknown tap option {option:?} (known: mac=MAC)")),
+        }
+    }
+    Ok(NetConfig {
+        tap: tap.to_owned(),
+        mac,
+    })
+}
+
+fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+    let bytes: Vec<u8> = text
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).map_err(|_| format!("invalid MAC address {text:?}")))
+        .collect::<Result<_, _>>()?;
+    let mac: [u8; 6] = bytes
+        .try_into()
+        .map_err(|_| format!("invalid MAC address {text:?}"))?;
+    if mac[0] & 1 != 0 {
+        return Err(format!("{text} is a multicast address"));
+    }
+    Ok(mac)
+}
+
+/// A locally administered unicast MAC from a stable hash (FNV-1a) of `seed`.
+pub fn derived_mac(seed: &[u8]) -> [u8; 6] {
+    let hash = seed.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let b = hash.to_le_bytes();
+    [0x52, 0x56, b[0], b[1], b[2], b[3]]
 }
 
 /// `PATH[,ro][,serial=ID]`. A path containing a comma cannot be given this way.
@@ -153,6 +200,7 @@ impl RunArgs {
                 escape: true,
             },
             disks: self.disk.clone(),
+            nets: self.tap.clone(),
             virtio_discovery: self.virtio_discovery.into(),
         }
     }
@@ -214,6 +262,19 @@ mod tests {
         assert!(parse_disk("d.img,rw").is_err());
         assert!(parse_disk("d.img,serial=").is_err());
         assert!(parse_disk(&format!("d.img,serial={}", "x".repeat(21))).is_err());
+    }
+
+    #[test]
+    fn tap_specs_parse() {
+        let tap = parse_tap("tap0,mac=52:54:00:ab:cd:ef").unwrap();
+        assert_eq!(tap.tap, "tap0");
+        assert_eq!(tap.mac, [0x52, 0x54, 0, 0xab, 0xcd, 0xef]);
+        let derived = parse_tap("tap1").unwrap().mac;
+        assert_eq!(derived, parse_tap("tap1").unwrap().mac, "stable");
+        assert_eq!(derived[0] & 0b11, 0b10, "locally administered unicast");
+        assert!(parse_tap("tap0,mac=01:00:00:00:00:00").is_err());
+        assert!(parse_tap("tap0,mac=zz").is_err());
+        assert!(parse_tap(",mac=52:54:00:00:00:01").is_err());
     }
 
     #[test]

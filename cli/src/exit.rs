@@ -160,7 +160,18 @@ fn hint(err: &CliError) -> Option<String> {
             BlockError::NotADisk(_) => "--disk takes an image file or a block device".into(),
             _ => return None,
         },
-        nvmm_vmm::Error::Devices(DeviceError::TooManyVirtioDevices) => "attach fewer disks".into(),
+        nvmm_vmm::Error::Devices(DeviceError::TooManyVirtioDevices) => {
+            "attach fewer disks or network interfaces".into()
+        }
+        nvmm_vmm::Error::Devices(DeviceError::OpenTap { source, .. }) => {
+            match source.raw_os_error() {
+                Some(libc::EPERM | libc::EACCES) => {
+                    "opening a tap needs root or CAP_NET_ADMIN (or a tap owned by you)".into()
+                }
+                Some(libc::EBUSY) => "the tap is in use by another process".into(),
+                _ => "check the tap name (`ip link show`)".into(),
+            }
+        }
         nvmm_vmm::Error::Guest(GuestFault::InternalError { .. }) if nvmm_vmm::kvm::is_kvm_pvm() => {
             "this host's KVM is kvm-pvm (software, nested): stock Linux kernels cannot run \
              here; nvmm's own test guest can (`nvmm doctor`)"

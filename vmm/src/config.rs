@@ -24,8 +24,20 @@ pub struct VmConfig {
     pub console: ConsoleConfig,
     /// virtio-blk disks, in the order the guest sees them (vda, vdb, ...).
     pub disks: Vec<DiskConfig>,
+    /// virtio-net interfaces, in the order the guest sees them (eth0, ...).
+    pub nets: Vec<NetConfig>,
     /// How the guest learns about virtio-mmio devices.
     pub virtio_discovery: VirtioDiscovery,
+}
+
+/// A virtio-net interface backed by an existing tap device (the CLI creates the tap and puts
+/// it on a bridge; the VMM only opens it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Tap interface name.
+    pub tap: String,
+    /// The guest's MAC address.
+    pub mac: [u8; 6],
 }
 
 /// How virtio-mmio devices are announced to the guest. Linux kernels with
@@ -72,6 +84,7 @@ impl VmConfig {
             cpuid: CpuidPolicy::default(),
             console: ConsoleConfig::default(),
             disks: Vec::new(),
+            nets: Vec::new(),
             virtio_discovery: VirtioDiscovery::default(),
         }
     }

@@ -11,11 +11,14 @@ use nvmm_devices::bus::{Bus, BusError};
 use nvmm_devices::legacy::{AcpiPowerRegisters, DebugPort, I8042, SerialPort, SerialWriter};
 use nvmm_devices::virtio::block::{Block, BlockError, DiskConfig};
 use nvmm_devices::virtio::mmio::{MMIO_WINDOW_SIZE, MmioError, MmioTransport};
+use nvmm_devices::virtio::net::Net;
+use nvmm_devices::virtio::net::tap::Tap;
 use nvmm_devices::virtio::{IrqTrigger, VirtioDevice};
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::config::NetConfig;
 use crate::layout::{self, irqs, ports};
 
 /// Errors while attaching devices.
@@ -53,8 +56,17 @@ pub enum DeviceError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// A tap could not be opened.
+    #[error("cannot open tap device {tap}")]
+    OpenTap {
+        /// Tap name.
+        tap: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// No MMIO window or interrupt line left.
-    #[error("too many virtio devices: at most {} are supported", irqs::VIRTIO.len())]
+    #[error("too many virtio devices (disks and network interfaces): at most {} are supported", irqs::VIRTIO.len())]
     TooManyVirtioDevices,
 }
 
@@ -210,6 +222,25 @@ pub fn attach_disks(
     for disk in disks {
         let block = Arc::new(Mutex::new(Block::new(disk)?));
         attach_virtio(vm, devices, mem, block)?;
+    }
+    Ok(())
+}
+
+/// Opens every tap and attaches it as a virtio-net device, in order.
+pub fn attach_nets(
+    vm: &VmFd,
+    devices: &mut Devices,
+    mem: &GuestMemoryMmap,
+    nets: &[NetConfig],
+) -> Result<(), DeviceError> {
+    for net in nets {
+        let open_err = |source| DeviceError::OpenTap {
+            tap: net.tap.clone(),
+            source,
+        };
+        let tap = Tap::open(&net.tap).map_err(open_err)?;
+        let device = Net::new(tap, net.mac).map_err(DeviceError::EventFd)?;
+        attach_virtio(vm, devices, mem, Arc::new(Mutex::new(device)))?;
     }
     Ok(())
 }

@@ -29,7 +29,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub use config::{
-    ConsoleConfig, CpuidPolicy, DEFAULT_MEM_MIB, DiskConfig, VirtioDiscovery, VmConfig,
+    ConsoleConfig, CpuidPolicy, DEFAULT_MEM_MIB, DiskConfig, NetConfig, VirtioDiscovery, VmConfig,
 };
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
@@ -157,6 +157,7 @@ pub fn build_and_boot(config: &VmConfig) -> Result<Vm, Error> {
     let mut devices =
         device_manager::attach_legacy_devices(&vm, Box::new(RawStdout), process_start)?;
     device_manager::attach_disks(&vm, &mut devices, &mem, &config.disks)?;
+    device_manager::attach_nets(&vm, &mut devices, &mem, &config.nets)?;
     let discovery = config.virtio_discovery;
     let cmdline_devices = if discovery.cmdline() {
         &devices.virtio[..]
