@@ -40,7 +40,7 @@ impl Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Boot a kernel with the console in this terminal (Ctrl-A x quits).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Check this host (KVM, networking, nix) and boot nvmm's built-in test guest.
     Doctor(DoctorArgs),
 }
@@ -75,6 +75,23 @@ pub struct RunArgs {
     /// MAC address (default: derived from the tap name). Repeatable.
     #[arg(long, value_name = "TAP[,mac=MAC]", value_parser = parse_tap)]
     pub tap: Vec<NetConfig>,
+    /// The VM's name: its hostname, and how other VMs on its network reach it
+    /// [default: the kernel's file name].
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Put the VM on an nvmm network: a host bridge (created with the first VM) where guests
+    /// reach each other by name and the host reaches them by IP. ssh (guest port 22) is
+    /// forwarded from a free 127.0.0.1 port.
+    #[arg(long, value_name = "NETWORK", num_args = 0..=1, default_missing_value = "nvmm0")]
+    pub net: Option<String>,
+    /// The network's subnet when nvmm creates it [default: a free private /24].
+    #[arg(long, value_name = "CIDR", requires = "net", value_parser = parse_subnet)]
+    pub subnet: Option<crate::net::addr::Ipv4Subnet>,
+    /// Forward a host port to a guest port (repeatable); HOSTADDR defaults to 127.0.0.1 and
+    /// HOSTPORT 0 picks a free port.
+    #[arg(long, value_name = "[HOSTADDR:]HOSTPORT:GUESTPORT", requires = "net",
+          value_parser = crate::net::forward::ForwardSpec::parse)]
+    pub forward: Vec<crate::net::forward::ForwardSpec>,
     /// How the guest learns about virtio devices: the kernel command line, ACPI, or both.
     #[arg(long, value_name = "HOW", default_value = "both")]
     pub virtio_discovery: Discovery,
@@ -98,6 +115,40 @@ impl From<Discovery> for VirtioDiscovery {
             Discovery::Cmdline => VirtioDiscovery::Cmdline,
             Discovery::Acpi => VirtioDiscovery::Acpi,
         }
+    }
+}
+
+fn parse_subnet(text: &str) -> Result<crate::net::addr::Ipv4Subnet, String> {
+    crate::net::addr::Ipv4Subnet::parse(text).map_err(|e| e.to_string())
+}
+
+impl RunArgs {
+    /// The VM name: `--name`, else the kernel's file name reduced to a valid hostname.
+    pub fn vm_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            let stem = self
+                .kernel
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let name: String = stem
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() {
+                        c.to_ascii_lowercase()
+                    } else {
+                        '-'
+                    }
+                })
+                .take(32)
+                .collect();
+            let name = name.trim_matches('-').to_owned();
+            if name.is_empty() {
+                "vm".to_owned()
+            } else {
+                name
+            }
+        })
     }
 }
 
@@ -262,6 +313,30 @@ mod tests {
         assert!(parse_disk("d.img,rw").is_err());
         assert!(parse_disk("d.img,serial=").is_err());
         assert!(parse_disk(&format!("d.img,serial={}", "x".repeat(21))).is_err());
+    }
+
+    #[test]
+    fn vm_names_default_to_the_kernel_file() {
+        let parse = |args: &[&str]| {
+            let mut argv = vec!["nvmm", "run"];
+            argv.extend_from_slice(args);
+            let Command::Run(run) = Cli::try_parse_from(argv).unwrap().command else {
+                panic!("expected run")
+            };
+            run
+        };
+        assert_eq!(
+            parse(&["--kernel", "/k/bzImage-6.1_x"]).vm_name(),
+            "bzimage-6-1-x"
+        );
+        assert_eq!(parse(&["--kernel", "/k/__"]).vm_name(), "vm");
+        assert_eq!(parse(&["--kernel", "k", "--name", "web"]).vm_name(), "web");
+        let net = parse(&["--kernel", "k", "--net"]);
+        assert_eq!(net.net.as_deref(), Some("nvmm0"));
+        assert!(
+            Cli::try_parse_from(["nvmm", "run", "--kernel", "k", "--forward", "80:80"]).is_err(),
+            "--forward needs --net"
+        );
     }
 
     #[test]

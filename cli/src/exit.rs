@@ -31,6 +31,12 @@ pub enum CliError {
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
+    /// Network set-up failed.
+    #[error(transparent)]
+    Net(#[from] crate::net::host::NetError),
+    /// A port forward could not start.
+    #[error(transparent)]
+    Forward(#[from] crate::net::forward::ForwardError),
     /// Writing the report failed.
     #[error("cannot write to stdout")]
     Stdout(#[source] std::io::Error),
@@ -99,8 +105,32 @@ fn exit_code(err: &CliError) -> u8 {
 }
 
 fn hint(err: &CliError) -> Option<String> {
-    let CliError::Vmm(err) = err else {
-        return None;
+    use crate::net::forward::ForwardError;
+    use crate::net::host::NetError;
+    let err = match err {
+        CliError::Vmm(err) => err,
+        CliError::Net(net) if net.is_permission_denied() => {
+            return Some(
+                "VM networking needs root or CAP_NET_ADMIN; run without --net to boot without it"
+                    .into(),
+            );
+        }
+        CliError::Net(NetError::VmAlreadyRunning { .. }) => {
+            return Some("give this VM another --name, or stop the running one".into());
+        }
+        CliError::Net(
+            NetError::SubnetClash { .. }
+            | NetError::NoFreeSubnet { .. }
+            | NetError::SubnetInUse { .. },
+        ) => {
+            return Some(
+                "choose a free private range with --subnet, e.g. --subnet 10.214.0.0/24".into(),
+            );
+        }
+        CliError::Forward(ForwardError::PortInUse { .. }) => {
+            return Some("pick another host port in --forward, or 0 for a free one".into());
+        }
+        _ => return None,
     };
     let hint = match err {
         nvmm_vmm::Error::Kvm(KvmError::OpenKvm(e)) => match e.errno() {

@@ -5,8 +5,6 @@ mod disks;
 mod doctor;
 mod exit;
 mod logger;
-// Used by `nvmm run --forward` (networking issue); no command calls it yet.
-#[allow(dead_code)]
 mod net;
 mod run;
 mod terminal;

@@ -1,19 +1,133 @@
 //! `nvmm run`: boot a kernel with the console on this terminal.
 
+use std::net::{IpAddr, SocketAddr};
+
 use crate::args::RunArgs;
 use crate::exit::{CliError, Outcome};
+use crate::net::forward::{ForwardSpec, Forwarder};
+use crate::net::host::{self, Membership, Network, NetworkConfig};
 use crate::terminal::{self, RawTerminal};
+
+/// The guest's ssh port, forwarded for every VM on a network.
+const GUEST_SSH_PORT: u16 = 22;
 
 /// Boots the kernel and serves it until it ends.
 pub fn run(args: &RunArgs) -> Result<Outcome, CliError> {
-    let config = args.vm_config();
-    let vm = nvmm_vmm::build_and_boot(&config)?;
+    let mut config = args.vm_config();
+    // On an error below, dropping it still stops forwarding and removes the tap.
+    let network = match &args.net {
+        Some(network) => Some(join_network(args, network, &mut config)?),
+        None => None,
+    };
+    let exit = boot_and_serve(&config)?;
+    if let Some(network) = network {
+        network.leave();
+    }
+    Ok(Outcome::Vm(exit))
+}
+
+fn boot_and_serve(config: &nvmm_vmm::VmConfig) -> Result<nvmm_vmm::VmExit, CliError> {
+    let vm = nvmm_vmm::build_and_boot(config)?;
     terminal::stop_on_signals(vm.stop_handle()).map_err(CliError::Signals)?;
     let _raw = RawTerminal::enter().map_err(CliError::Terminal)?;
     // Lets tests prove the panic path restores the terminal; never set in normal use.
     if std::env::var_os("NVMM_TEST_PANIC_AFTER_BOOT").is_some() {
         panic!("panic injected by NVMM_TEST_PANIC_AFTER_BOOT");
     }
-    let exit = vm.run_until_exit()?;
-    Ok(Outcome::Vm(exit))
+    Ok(vm.run_until_exit()?)
+}
+
+/// A VM's place on a network, for as long as it runs.
+struct VmNetwork {
+    // Fields drop in order: forwarders first, then the tap.
+    forwarders: Vec<Forwarder>,
+    membership: Membership,
+}
+
+impl VmNetwork {
+    /// Stops forwarding and leaves the network, reporting (not failing on) clean-up errors:
+    /// the VM has already ended the way the user will be told.
+    fn leave(self) {
+        for forwarder in self.forwarders {
+            forwarder.stop();
+        }
+        if let Err(err) = self.membership.leave() {
+            log::warn!("leaving the network: {}", crate::exit::error_chain(&err));
+        }
+    }
+}
+
+/// Joins `network`, adds the tap to `config`, tells the guest its address, name and peers on
+/// the command line, and starts the port forwarders.
+fn join_network(
+    args: &RunArgs,
+    network: &str,
+    config: &mut nvmm_vmm::VmConfig,
+) -> Result<VmNetwork, CliError> {
+    let vm_name = args.vm_name();
+    let (runtime_dir, state_dir) = host::state_dirs();
+    host::reap_stale(&runtime_dir)?;
+    let network_config = NetworkConfig {
+        name: network.to_owned(),
+        subnet: args.subnet,
+    };
+    let (network, membership) = Network::join(
+        &network_config,
+        &runtime_dir,
+        &state_dir,
+        &vm_name,
+        std::process::id(),
+    )?;
+    config.nets.push(nvmm_vmm::NetConfig {
+        tap: membership.tap.clone(),
+        mac: membership.mac,
+    });
+    config.cmdline = format!("{} {}", guest_network_cmdline(&membership), config.cmdline);
+
+    let guest = IpAddr::V4(membership.address);
+    let ssh = Forwarder::start(
+        SocketAddr::new(ForwardSpec::DEFAULT_HOST_ADDR, 0),
+        SocketAddr::new(guest, GUEST_SSH_PORT),
+    )?;
+    let mut forwarders = vec![ssh];
+    for spec in &args.forward {
+        forwarders.push(Forwarder::start(spec.listen_addr(), spec.target(guest))?);
+    }
+    eprintln!(
+        "nvmm: {vm_name} is {}/{} on {} (host {}); ssh: 127.0.0.1:{}",
+        membership.address,
+        membership.prefix_len,
+        network.bridge,
+        network.host_addr,
+        forwarders[0].local_addr().port()
+    );
+    for forwarder in &forwarders[1..] {
+        eprintln!(
+            "nvmm: forwarding {} -> {}",
+            forwarder.local_addr(),
+            forwarder.target()
+        );
+    }
+    Ok(VmNetwork {
+        forwarders,
+        membership,
+    })
+}
+
+/// What the guest needs to configure itself: `nvmm_ip=ADDR/PREFIX nvmm_gw=HOST
+/// nvmm_hostname=NAME nvmm_hosts=NAME=ADDR,...` (every VM with an address in the network).
+fn guest_network_cmdline(membership: &Membership) -> String {
+    let hosts: Vec<String> = membership
+        .hosts
+        .iter()
+        .map(|(name, addr)| format!("{name}={addr}"))
+        .collect();
+    format!(
+        "nvmm_ip={}/{} nvmm_gw={} nvmm_hostname={} nvmm_hosts={}",
+        membership.address,
+        membership.prefix_len,
+        membership.gateway,
+        membership.vm_name,
+        hosts.join(",")
+    )
 }

@@ -4,9 +4,6 @@
 //!
 //! Nothing here touches the host; `host.rs` reads and writes the files and interfaces.
 
-// Used by `nvmm run --net` (networking issue).
-#![allow(dead_code)]
-
 use std::fmt;
 use std::net::{AddrParseError, Ipv4Addr};
 use std::str::FromStr;
@@ -114,6 +111,7 @@ impl Ipv4Subnet {
     }
 
     /// The network address.
+    #[cfg(test)]
     pub fn network(&self) -> Ipv4Addr {
         self.network
     }
@@ -124,6 +122,7 @@ impl Ipv4Subnet {
     }
 
     /// Whether `addr` is inside the subnet (network and broadcast addresses included).
+    #[cfg(test)]
     pub fn contains(&self, addr: Ipv4Addr) -> bool {
         u32::from(addr) & mask(self.prefix_len) == u32::from(self.network)
     }
@@ -285,6 +284,7 @@ impl AddressBook {
     }
 
     /// The address of `vm`, if it has one.
+    #[cfg(test)]
     pub fn get(&self, vm: &str) -> Option<Ipv4Addr> {
         self.entries.iter().find(|(n, _)| n == vm).map(|(_, a)| *a)
     }

@@ -21,9 +21,6 @@
 //! process) together with their taps, and the bridge once no VM is left. A bridge of the
 //! network's name that no running VM uses is taken for such a leftover and made anew.
 
-// Used by `nvmm run --net` (networking issue).
-#![allow(dead_code)]
-
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -547,7 +544,10 @@ fn create_dir(path: &Path) -> Result<(), NetError> {
 /// Held while a network is being changed; the kernel drops the `flock` when the file closes,
 /// even if the process is killed.
 #[derive(Debug)]
-struct NetworkLock(File);
+struct NetworkLock {
+    // Held for its lock; closing the file releases it.
+    _file: File,
+}
 
 fn lock_network(paths: &NetworkPaths) -> Result<NetworkLock, NetError> {
     create_dir(&paths.members_dir())?;
@@ -569,7 +569,7 @@ fn lock_network(paths: &NetworkPaths) -> Result<NetworkLock, NetError> {
         // SAFETY: flock takes an fd this function owns (open for the whole call) and flags; it
         // touches no memory.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
-            return Ok(NetworkLock(file));
+            return Ok(NetworkLock { _file: file });
         }
         let e = io::Error::last_os_error();
         if e.kind() != io::ErrorKind::Interrupted {

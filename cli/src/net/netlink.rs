@@ -7,9 +7,6 @@
 //! A socket belongs to the network namespace of the thread that opened it, which is what lets
 //! the tests work in private namespaces.
 
-// Used by `nvmm run --net` (networking issue).
-#![allow(dead_code)]
-
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
 
