@@ -17,8 +17,8 @@ use core::ptr::{read_volatile, write_volatile};
 use crate::dma::{Arena, DmaBuf, Seg, claim_ring_pages};
 use crate::mem::zeroed;
 use crate::time::Deadline;
-use crate::virtio_mmio::{F_EVENT_IDX, F_INDIRECT_DESC, Transport};
-use crate::virtqueue::{Buf, MAX_QUEUE_SIZE, Virtqueue};
+use crate::virtio_mmio::{F_EVENT_IDX, F_INDIRECT_DESC, Options, Transport};
+use crate::virtqueue::{Buf, Virtqueue};
 
 /// Bytes per sector: the unit of `sector` and `capacity`, whatever `blk_size` says.
 pub const SECTOR_SIZE: usize = 512;
@@ -82,15 +82,6 @@ const SLOT_SIZE: usize = SLOT_TABLE + MAX_BUFS * 16;
 /// How long the driver waits for any one completion before giving up.
 const REQUEST_TIMEOUT_US: u64 = 10_000_000;
 
-/// Which optional transport features to accept when the device offers them.
-#[derive(Clone, Copy)]
-pub struct Options {
-    pub event_idx: bool,
-    pub indirect: bool,
-    /// Largest queue to set up (a power of two, at most 256).
-    pub max_queue_size: u16,
-}
-
 /// A finished request.
 #[derive(Clone, Copy, Debug)]
 pub struct Completion {
@@ -152,9 +143,7 @@ impl BlkDevice {
             transport.fail();
             return Err("no-queue");
         }
-        // Split rings have power-of-two sizes; the ring pages hold 256 entries.
-        let limit = max.min(u32::from(options.max_queue_size.min(MAX_QUEUE_SIZE)));
-        let size = 1u16 << (31 - limit.leading_zeros());
+        let size = options.queue_size(max);
         let Some(pages) = claim_ring_pages() else {
             transport.fail();
             return Err("too-many-virtio-devices");

@@ -12,19 +12,19 @@ use core::cell::Cell;
 
 use crate::blk::{
     BlkDevice, Completion, F_DISCARD, F_FLUSH, F_RO, F_WRITE_ZEROES, ID_BYTES, MAX_IN_FLIGHT,
-    Options, RequestType, SECTOR_SIZE, STATUS_IOERR, STATUS_OK, Submit,
+    RequestType, SECTOR_SIZE, STATUS_IOERR, STATUS_OK, Submit,
 };
 use crate::bootinfo::BootInfo;
 use crate::dma::{Arena, DmaBuf, MAX_DEVICES, Seg};
 use crate::io::{outb, rdtsc};
 use crate::mem::{fill_bytes, zeroed};
-use crate::scenarios::{FNV1A64_START, Outcome, cmdline_value, fnv1a64_extend};
+use crate::scenarios::{FNV1A64_START, Outcome, cmdline_value, fnv1a64_extend, number_option, parse_decimal};
 use crate::serial::Escaped;
 use crate::time::us_since;
 use crate::virtio_mmio::{
-    DEVICE_ID_BLOCK, Devices, F_EVENT_IDX, F_INDIRECT_DESC, Found, INTERRUPT_USED_BUFFER, discover,
+    DEVICE_ID_BLOCK, Devices, F_EVENT_IDX, F_INDIRECT_DESC, Found, INTERRUPT_USED_BUFFER, Options,
+    discover,
 };
-use crate::virtqueue::MAX_QUEUE_SIZE;
 
 /// Sectors after which the pattern repeats (31 is odd, so s * 31 mod 256 has period 256).
 const PATTERN_PERIOD: u64 = 256;
@@ -69,56 +69,9 @@ const DEFAULT_WRITE_SECTORS: u64 = 2048;
 const DEFAULT_BENCH_MIB: u64 = 64;
 const DEFAULT_BENCH_IOS: u64 = 2000;
 
-/// The `virtio_event_idx=0`, `virtio_indirect=0` and `virtio_queue_size=N` options.
-fn device_options(boot: &BootInfo) -> Result<Options, &'static str> {
-    let switch = |key: &[u8], reason| match cmdline_value(boot.cmdline, key) {
-        None | Some(b"1") => Ok(true),
-        Some(b"0") => Ok(false),
-        Some(_) => Err(reason),
-    };
-    let max_queue_size = number_option(
-        boot,
-        b"virtio_queue_size",
-        u64::from(MAX_QUEUE_SIZE),
-        "bad-virtio-queue-size",
-    )?;
-    let max_queue_size = u16::try_from(max_queue_size)
-        .ok()
-        .filter(|&size| size.is_power_of_two() && (2..=MAX_QUEUE_SIZE).contains(&size))
-        .ok_or("bad-virtio-queue-size")?;
-    Ok(Options {
-        event_idx: switch(b"virtio_event_idx", "bad-virtio-event-idx")?,
-        indirect: switch(b"virtio_indirect", "bad-virtio-indirect")?,
-        max_queue_size,
-    })
-}
-
-/// A decimal number option, or `default` if absent.
-fn number_option(
-    boot: &BootInfo,
-    key: &[u8],
-    default: u64,
-    bad: &'static str,
-) -> Result<u64, &'static str> {
-    match cmdline_value(boot.cmdline, key) {
-        None => Ok(default),
-        Some(text) => parse_decimal(text).ok_or(bad),
-    }
-}
-
-fn parse_decimal(text: &[u8]) -> Option<u64> {
-    if text.is_empty() {
-        return None;
-    }
-    text.iter().try_fold(0u64, |value, &b| {
-        let digit = char::from(b).to_digit(10)?;
-        value.checked_mul(10)?.checked_add(u64::from(digit))
-    })
-}
-
 /// What every blk scenario starts with: the arena and the devices.
 fn setup(boot: &BootInfo) -> Result<(Arena, Devices, Options), &'static str> {
-    let options = device_options(boot)?;
+    let options = Options::from_cmdline(boot.cmdline)?;
     let arena = Arena::claim(boot)?;
     let devices = discover(boot.cmdline)?;
     Ok((arena, devices, options))

@@ -3,7 +3,7 @@
 //! Two kinds, both at fixed places so that nothing is allocated at run time
 //! beyond a pointer bump:
 //!
-//! - **Ring pages**: one set of two pages per device, reserved in the image's
+//! - **Ring pages**: one set of two pages per queue, reserved in the image's
 //!   `.noinit` section (untouched pages cost nothing, which matters on kvm-pvm
 //!   where first touch of a page is slow). Page 1 is the descriptor table,
 //!   page 2 holds the available ring (at 0) and the used ring (at 1 KiB).
@@ -17,7 +17,9 @@ use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use crate::bootinfo::{BootInfo, Region};
 
-/// Most virtio devices the guest drives in one boot (one ring set each).
+/// Most virtio devices the guest drives in one boot, and most queues: there
+/// are this many ring sets, one per queue (a block device has one queue, a
+/// network device two).
 pub const MAX_DEVICES: usize = 8;
 
 const PAGE_SIZE: u64 = 4096;
@@ -126,6 +128,15 @@ impl DmaBuf {
         // allocation, checked against the e820 map and everything else the
         // guest uses); the caller rules out concurrent device writes.
         unsafe { core::slice::from_raw_parts(self.addr as *const u8, self.len) }
+    }
+
+    /// Hands the buffer over to the guest for good, as plain memory that no
+    /// device ever sees (smoltcp's socket buffers): arena memory is never
+    /// freed, and this `DmaBuf` was the only handle on its bytes.
+    pub fn into_guest_memory(self) -> &'static mut [u8] {
+        // SAFETY: as in `bytes`; consuming `self` ends the only other way to
+        // reach these bytes, and the arena never hands them out again.
+        unsafe { core::slice::from_raw_parts_mut(self.addr as *mut u8, self.len) }
     }
 
     /// The buffer's bytes, for writing.

@@ -33,8 +33,10 @@ pub const GDT_DATA: u16 = 0x18;
 /// trampoline, which may be assembled in another object file.
 pub const GDT_LIMIT: u16 = 4 * 8 - 1;
 
-/// Size of the boot CPU's stack.
-const BOOT_STACK_SIZE: usize = 16 * 1024;
+/// Size of the boot CPU's stack. The network scenarios need about 24 KiB
+/// (smoltcp's interface and socket table live in their frames); untouched
+/// pages cost nothing, so there is room to spare.
+const BOOT_STACK_SIZE: usize = 64 * 1024;
 
 global_asm!(
     r#"

@@ -54,6 +54,24 @@ pub unsafe fn mmio_read32(addr: u64) -> u32 {
     unsafe { core::ptr::read_volatile(addr as *const u32) }
 }
 
+/// Reads an 8-bit memory-mapped device register.
+///
+/// # Safety
+/// As for [`mmio_read32`], for a one-byte read.
+pub unsafe fn mmio_read8(addr: u64) -> u8 {
+    // SAFETY: the caller guarantees a mapped register.
+    unsafe { core::ptr::read_volatile(addr as *const u8) }
+}
+
+/// Reads a 16-bit memory-mapped device register.
+///
+/// # Safety
+/// As for [`mmio_read32`], for a 2-byte aligned 16-bit read.
+pub unsafe fn mmio_read16(addr: u64) -> u16 {
+    // SAFETY: the caller guarantees a mapped, aligned register.
+    unsafe { core::ptr::read_volatile(addr as *const u16) }
+}
+
 /// Writes a 32-bit memory-mapped device register.
 ///
 /// # Safety

@@ -107,22 +107,57 @@ unsafe fn store_bytes(dest: *mut u8, byte: u8, n: usize) {
 /// Compares `n` bytes; returns the difference of the first unequal pair (as
 /// unsigned bytes), or 0.
 ///
+/// Equal quad words are skipped eight bytes per step (`repe cmpsq`, one
+/// emulated iteration per eight bytes on kvm-pvm); only the quad word that
+/// differs, or the last `n % 8` bytes, are compared byte by byte.
+///
 /// # Safety
 /// `a` and `b` must be valid for `n` bytes of reads.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
-    if n == 0 {
+    let words = n / 8;
+    if words > 0 {
+        let (a_next, b_next): (*const u8, *const u8);
+        // SAFETY: the caller guarantees both ranges; `repe cmpsq` reads at
+        // most `words` quad words of each, from the start, and stops one
+        // past the first unequal pair (or at the end).
+        unsafe {
+            asm!(
+                "repe cmpsq",
+                inout("rcx") words => _,
+                inout("rsi") a => a_next,
+                inout("rdi") b => b_next,
+                options(nostack, readonly)
+            );
+        }
+        // The last pair compared is the first unequal one, or the final
+        // (equal) pair: either way its bytes decide, or the tail does.
+        // SAFETY: at least one quad word was compared, so the 8 bytes
+        // before each pointer are inside their ranges.
+        let (x, y) = unsafe {
+            let (x, y) = (a_next.sub(8), b_next.sub(8));
+            (x.cast::<u64>().read_unaligned(), y.cast::<u64>().read_unaligned())
+        };
+        if x != y {
+            // Little-endian: the lowest differing byte comes first in memory.
+            let shift = (x ^ y).trailing_zeros() / 8 * 8;
+            return i32::from((x >> shift) as u8) - i32::from((y >> shift) as u8);
+        }
+    }
+    let done = words * 8;
+    if done == n {
         return 0;
     }
     let (a_next, b_next): (*const u8, *const u8);
-    // SAFETY: the caller guarantees both ranges; `repe cmpsb` reads at most `n`
-    // bytes of each and stops one past the first unequal pair (or the end).
+    // SAFETY: the caller guarantees both ranges; `repe cmpsb` reads the
+    // `n - done` (at least one) bytes after the quad words, at most, and
+    // stops one past the first unequal pair (or the end).
     unsafe {
         asm!(
             "repe cmpsb",
-            inout("rcx") n => _,
-            inout("rsi") a => a_next,
-            inout("rdi") b => b_next,
+            inout("rcx") n - done => _,
+            inout("rsi") a.add(done) => a_next,
+            inout("rdi") b.add(done) => b_next,
             options(nostack, readonly)
         );
     }

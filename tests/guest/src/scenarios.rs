@@ -6,7 +6,7 @@ use crate::bootinfo::BootInfo;
 use crate::io::{halt_forever, outb, phys_bytes};
 use crate::power::{i8042_reset, power_off, triple_fault, try_acpi_poweroff};
 use crate::serial::{read_byte, write_byte};
-use crate::{blk_scenarios, smp};
+use crate::{blk_scenarios, net_scenarios, smp};
 
 /// What a scenario returns: `Err` carries the `reason=` word.
 pub type Outcome = Result<(), &'static str>;
@@ -31,6 +31,10 @@ pub fn run(boot: &BootInfo) -> ! {
         b"blkhash" => blk_scenarios::blkhash(boot),
         b"blkwrite" => blk_scenarios::blkwrite(boot),
         b"blkbench" => blk_scenarios::blkbench(boot),
+        b"net_echo" => net_scenarios::net_echo(boot),
+        b"net_client" => net_scenarios::net_client(boot),
+        b"net_ping" => net_scenarios::net_ping(boot),
+        b"net_bench" => net_scenarios::net_bench(boot),
         b"panic" => panic!("on purpose (nvmm_test=panic)"),
         _ => Err("unknown-scenario"),
     };
@@ -51,6 +55,30 @@ pub fn cmdline_values<'a>(cmdline: &'a [u8], key: &[u8]) -> impl Iterator<Item =
     cmdline
         .split(u8::is_ascii_whitespace)
         .filter_map(move |word| word.strip_prefix(key)?.strip_prefix(b"="))
+}
+
+/// A decimal number option, or `default` if absent.
+pub fn number_option(
+    boot: &BootInfo,
+    key: &[u8],
+    default: u64,
+    bad: &'static str,
+) -> Result<u64, &'static str> {
+    match cmdline_value(boot.cmdline, key) {
+        None => Ok(default),
+        Some(text) => parse_decimal(text).ok_or(bad),
+    }
+}
+
+/// A plain decimal number (digits only, no sign, no overflow).
+pub fn parse_decimal(text: &[u8]) -> Option<u64> {
+    if text.is_empty() {
+        return None;
+    }
+    text.iter().try_fold(0u64, |value, &b| {
+        let digit = char::from(b).to_digit(10)?;
+        value.checked_mul(10)?.checked_add(u64::from(digit))
+    })
 }
 
 fn hello() -> Outcome {

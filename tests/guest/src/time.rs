@@ -74,6 +74,12 @@ pub fn us_since(start: u64) -> u64 {
     rdtsc().saturating_sub(start).saturating_mul(1000) / TSC_KHZ.load(Ordering::Relaxed)
 }
 
+/// Microseconds since the TSC started (about when the VM did): the clock
+/// smoltcp runs on.
+pub fn now_us() -> u64 {
+    us_since(0)
+}
+
 /// Busy-waits for about `us` microseconds.
 pub fn delay_us(us: u64) {
     let deadline = Deadline::after_us(us);

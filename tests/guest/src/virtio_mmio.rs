@@ -8,9 +8,9 @@
 //! that only Linux's device model uses.
 
 use crate::dma::MAX_DEVICES;
-use crate::io::{MAPPED_LIMIT, mmio_read32, mmio_write32};
-use crate::scenarios::cmdline_values;
-use crate::virtqueue::Virtqueue;
+use crate::io::{MAPPED_LIMIT, mmio_read8, mmio_read16, mmio_read32, mmio_write32};
+use crate::scenarios::{cmdline_value, cmdline_values, parse_decimal};
+use crate::virtqueue::{MAX_QUEUE_SIZE, Virtqueue};
 
 /// "virt" in little-endian ASCII.
 const MAGIC: u32 = 0x7472_6976;
@@ -57,11 +57,55 @@ pub const F_INDIRECT_DESC: u64 = 1 << 28;
 pub const F_EVENT_IDX: u64 = 1 << 29;
 pub const F_VERSION_1: u64 = 1 << 32;
 
+/// Device id of a network device.
+pub const DEVICE_ID_NET: u32 = 1;
 /// Device id of a block device.
 pub const DEVICE_ID_BLOCK: u32 = 2;
 
 /// InterruptStatus bit: the device used a buffer.
 pub const INTERRUPT_USED_BUFFER: u32 = 1;
+
+/// Which optional transport features to accept when the device offers them,
+/// and how large a queue to set up: the options every virtio scenario takes.
+#[derive(Clone, Copy)]
+pub struct Options {
+    pub event_idx: bool,
+    pub indirect: bool,
+    /// Largest queue to set up (a power of two, at most 256).
+    pub max_queue_size: u16,
+}
+
+impl Options {
+    /// The `virtio_event_idx=0`, `virtio_indirect=0` and `virtio_queue_size=N` options.
+    pub fn from_cmdline(cmdline: &[u8]) -> Result<Options, &'static str> {
+        let switch = |key: &[u8], reason| match cmdline_value(cmdline, key) {
+            None | Some(b"1") => Ok(true),
+            Some(b"0") => Ok(false),
+            Some(_) => Err(reason),
+        };
+        let max_queue_size = match cmdline_value(cmdline, b"virtio_queue_size") {
+            None => u64::from(MAX_QUEUE_SIZE),
+            Some(text) => parse_decimal(text).ok_or("bad-virtio-queue-size")?,
+        };
+        let max_queue_size = u16::try_from(max_queue_size)
+            .ok()
+            .filter(|&size| size.is_power_of_two() && (2..=MAX_QUEUE_SIZE).contains(&size))
+            .ok_or("bad-virtio-queue-size")?;
+        Ok(Options {
+            event_idx: switch(b"virtio_event_idx", "bad-virtio-event-idx")?,
+            indirect: switch(b"virtio_indirect", "bad-virtio-indirect")?,
+            max_queue_size,
+        })
+    }
+
+    /// The queue size to use for a queue whose QueueNumMax is `max` (not 0):
+    /// the largest power of two within both limits (split rings have
+    /// power-of-two sizes; the ring pages hold 256 entries).
+    pub fn queue_size(&self, max: u32) -> u16 {
+        let limit = max.min(u32::from(self.max_queue_size.min(MAX_QUEUE_SIZE)));
+        1u16 << (31 - limit.leading_zeros())
+    }
+}
 
 /// One `virtio_mmio.device=` parameter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -297,6 +341,29 @@ impl Transport {
             self.write(REG_INTERRUPT_ACK, status);
         }
         status
+    }
+
+    /// Reads an 8-bit configuration field: virtio-mmio asks for accesses as
+    /// wide as the field (4.2.2.2), so byte fields such as a MAC address are
+    /// read a byte at a time.
+    pub fn config8(&self, offset: u64) -> u8 {
+        assert!(CONFIG + offset < MIN_WINDOW);
+        // SAFETY: as in `read`: `new` checked the window covers the whole
+        // configuration space the assertion allows.
+        unsafe { mmio_read8(self.base + CONFIG + offset) }
+    }
+
+    /// Reads a 16-bit configuration field at `offset` (2-byte aligned).
+    pub fn config16(&self, offset: u64) -> u16 {
+        assert!(offset.is_multiple_of(2) && CONFIG + offset + 2 <= MIN_WINDOW);
+        // SAFETY: as in `config8`; the field is aligned.
+        unsafe { mmio_read16(self.base + CONFIG + offset) }
+    }
+
+    /// The configuration generation: reads of several fields that see the
+    /// same value before and after belong together.
+    pub fn config_generation(&self) -> u32 {
+        self.read(REG_CONFIG_GENERATION)
     }
 
     /// Reads 32 bits of device configuration at `offset` (4-byte aligned).

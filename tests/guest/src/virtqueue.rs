@@ -53,6 +53,8 @@ pub struct Buf {
 pub struct Used {
     /// The token given to [`Virtqueue::add`] for this chain.
     pub token: u16,
+    /// Bytes the device says it wrote into the chain's device-writable buffers.
+    pub len: u32,
 }
 
 /// The queue is too full for the chain right now (it may fit later).
@@ -248,9 +250,8 @@ impl Virtqueue {
         fence(Ordering::Acquire);
         let slot = u64::from(self.last_used_idx & (self.size - 1));
         let elem = self.used + USED_RING + slot * USED_ELEM_SIZE;
-        // The element's `len` (bytes written) is not needed: block requests
-        // report through their status byte.
         let id = self.read32(elem);
+        let len = self.read32(elem + 4);
         self.last_used_idx = self.last_used_idx.wrapping_add(1);
         if self.event_idx {
             // Ask for an interrupt at the next completion, as a driver that
@@ -269,7 +270,7 @@ impl Virtqueue {
         }
         self.tokens[usize::from(head)] = NO_TOKEN;
         self.free_chain(head);
-        Ok(Some(Used { token }))
+        Ok(Some(Used { token, len }))
     }
 
     /// Puts the chain headed by `head` back on the free list.
