@@ -326,8 +326,8 @@ mod tests {
             run
         };
         assert_eq!(
-            parse(&["--kernel", "/k/bzImage-6.1_x"]).vm_name(),
-            "bzimage-6-1-x"
+            parse(&["--kernel", "/k/vmlinux-6.1.elf"]).vm_name(),
+            "vmlinux-6-1"
         );
         assert_eq!(parse(&["--kernel", "/k/__"]).vm_name(), "vm");
         assert_eq!(parse(&["--kernel", "k", "--name", "web"]).vm_name(), "web");
