@@ -108,3 +108,224 @@ fn host_and_guest_talk_tcp_and_icmp_over_a_tap() {
     let out = wait_with_guard(child);
     assert!(!out.stderr.contains("panicked"), "{out:?}");
 }
+
+/// Private state directories, so tests never touch /run/nvmm or /var/lib/nvmm.
+struct StateDirs(std::path::PathBuf);
+
+impl StateDirs {
+    fn new() -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(std::env::temp_dir().join(format!("nvmm-net-{}-{n}", std::process::id())))
+    }
+
+    fn apply(&self, cmd: &mut std::process::Command) {
+        cmd.env("NVMM_RUNTIME_DIR", self.0.join("run"))
+            .env("NVMM_STATE_DIR", self.0.join("state"));
+    }
+
+    /// Member records of running VMs.
+    fn members(&self) -> Vec<String> {
+        std::fs::read_dir(self.0.join("run/net/nvmm0/members"))
+            .map(|dir| {
+                dir.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for StateDirs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Starts `nvmm run --net --name NAME` inside `ns` with the guest scenario `cmdline`.
+fn start_on_network(
+    ns: &Netns,
+    dirs: &StateDirs,
+    name: &str,
+    cmdline: &str,
+    extra: &[&str],
+) -> std::process::Child {
+    let mut cmd = ns.command(NVMM);
+    cmd.args([
+        "run",
+        "--kernel",
+        GUEST,
+        "--mem",
+        "64",
+        "--net",
+        "--name",
+        name,
+        "--cmdline",
+        cmdline,
+    ])
+    .args(extra)
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    dirs.apply(&mut cmd);
+    cmd.spawn().unwrap()
+}
+
+/// Reads nvmm's "NAME is ADDR/PREFIX on BRIDGE ..." and "forwarding A -> B" lines.
+fn network_lines(stderr: &mut impl Read, forwards: usize) -> (String, Vec<String>) {
+    let mut text = String::new();
+    let mut buf = [0u8; 1];
+    let deadline = Instant::now() + HANG_GUARD;
+    while text.matches('\n').count() < 1 + forwards {
+        assert!(Instant::now() < deadline, "no network lines: {text}");
+        assert_eq!(stderr.read(&mut buf).unwrap(), 1, "stderr closed: {text}");
+        text.push(buf[0] as char);
+    }
+    let mut lines = text.lines();
+    let first = lines.next().unwrap();
+    let address = first
+        .split(" is ")
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let forwarded = lines
+        .map(|l| {
+            l.split("forwarding ")
+                .nth(1)
+                .unwrap()
+                .split(" -> ")
+                .next()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    (address, forwarded)
+}
+
+#[test]
+fn the_host_reaches_a_guest_by_ip_and_through_a_forwarded_port() {
+    if !kvm_or_skip("net forward") {
+        return;
+    }
+    let Some(ns) = Netns::new("net forward") else {
+        return;
+    };
+    let dirs = StateDirs::new();
+    let mut child = start_on_network(
+        &ns,
+        &dirs,
+        "echo",
+        "nvmm_test=net_echo echo_port=7",
+        &["--forward", "0:7"],
+    );
+    let (address, forwarded) = network_lines(child.stderr.as_mut().unwrap(), 1);
+    let mut stdout = child.stdout.take().unwrap();
+    read_until(&mut stdout, "net_echo listening port=7");
+    assert!(
+        ns.links().iter().any(|l| l == "nvmm0"),
+        "bridge exists: {:?}",
+        ns.links()
+    );
+
+    let ping = ns
+        .command("ping")
+        .args(["-c", "2", "-W", "5", &address])
+        .output()
+        .unwrap();
+    assert!(
+        ping.status.success(),
+        "ping {address}: {}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
+
+    let payload: Vec<u8> = (0..(1u32 << 20))
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    let expected = payload.clone();
+    let target = forwarded[0].clone();
+    let echoed = ns.run(move || echo_bytes(connect_with_retry(&target), payload));
+    assert!(
+        echoed == expected,
+        "echo through the forwarded port differs"
+    );
+
+    // SAFETY: kill has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let out = wait_with_guard(child);
+    assert_eq!(out.code(), Some(128 + libc::SIGTERM), "{out:?}");
+    assert_eq!(ns.links(), vec!["lo".to_owned()], "tap and bridge are gone");
+    assert!(
+        dirs.members().is_empty(),
+        "no member left: {:?}",
+        dirs.members()
+    );
+}
+
+#[test]
+fn guests_reach_each_other_by_address_and_by_name() {
+    if !kvm_or_skip("net guest to guest") {
+        return;
+    }
+    let Some(ns) = Netns::new("net guest to guest") else {
+        return;
+    };
+    let dirs = StateDirs::new();
+    let mut server = start_on_network(&ns, &dirs, "beta", "nvmm_test=net_echo echo_port=7", &[]);
+    let (beta, _) = network_lines(server.stderr.as_mut().unwrap(), 0);
+    read_until(server.stdout.as_mut().unwrap(), "net_echo listening port=7");
+
+    for target in [format!("{beta}:7"), "beta:7".to_owned()] {
+        let client = start_on_network(
+            &ns,
+            &dirs,
+            "alpha",
+            &format!("nvmm_test=net_client connect={target} bytes=200000"),
+            &[],
+        );
+        let out = wait_with_guard(client);
+        assert_eq!(out.code(), Some(0), "{out:?}");
+        assert!(
+            out.stdout
+                .contains(&format!("net_client connected to={beta}:7")),
+            "{out:?}"
+        );
+        assert!(
+            out.stdout.contains("net_client echoed bytes=200000 ok"),
+            "{out:?}"
+        );
+    }
+    server.kill().unwrap();
+    let _ = server.wait();
+}
+
+#[test]
+fn a_killed_vm_is_cleaned_up_by_the_next_start() {
+    if !kvm_or_skip("net sigkill") {
+        return;
+    }
+    let Some(ns) = Netns::new("net sigkill") else {
+        return;
+    };
+    let dirs = StateDirs::new();
+    let mut first = start_on_network(&ns, &dirs, "gone", "nvmm_test=halt", &[]);
+    read_until(first.stdout.as_mut().unwrap(), "halting");
+    first.kill().unwrap();
+    let _ = first.wait();
+    assert!(
+        ns.links().iter().any(|l| l.starts_with("nv-gone")),
+        "the SIGKILLed VM left its tap"
+    );
+
+    let second = start_on_network(&ns, &dirs, "next", "nvmm_test=hello", &[]);
+    let out = wait_with_guard(second);
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    assert_eq!(
+        ns.links(),
+        vec!["lo".to_owned()],
+        "stale tap, new tap and bridge are gone"
+    );
+    assert!(dirs.members().is_empty(), "{:?}", dirs.members());
+}

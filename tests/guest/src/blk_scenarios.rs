@@ -18,7 +18,9 @@ use crate::bootinfo::BootInfo;
 use crate::dma::{Arena, DmaBuf, MAX_DEVICES, Seg};
 use crate::io::{outb, rdtsc};
 use crate::mem::{fill_bytes, zeroed};
-use crate::scenarios::{FNV1A64_START, Outcome, cmdline_value, fnv1a64_extend, number_option, parse_decimal};
+use crate::scenarios::{
+    FNV1A64_START, Outcome, cmdline_value, fnv1a64_extend, number_option, parse_decimal,
+};
 use crate::serial::Escaped;
 use crate::time::us_since;
 use crate::virtio_mmio::{

@@ -136,7 +136,10 @@ pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
         // before each pointer are inside their ranges.
         let (x, y) = unsafe {
             let (x, y) = (a_next.sub(8), b_next.sub(8));
-            (x.cast::<u64>().read_unaligned(), y.cast::<u64>().read_unaligned())
+            (
+                x.cast::<u64>().read_unaligned(),
+                y.cast::<u64>().read_unaligned(),
+            )
         };
         if x != y {
             // Little-endian: the lowest differing byte comes first in memory.

@@ -1,0 +1,222 @@
+#!/usr/bin/env bash
+# virtio-net benchmark: guest -> host and host -> guest TCP throughput, nvmm against
+# `qemu-system-x86_64 -M microvm` with virtio-net-device on a tap, same guest (smoltcp), plus
+# the host's own loopback TCP figure. Runs inside a network namespace it creates and removes.
+# Not a test: it prints figures and never fails on a missed target. See `-h`.
+set -euo pipefail
+
+usage() {
+    cat <<'USAGE'
+Usage: bench/net.sh [-h] [-n N] [--mib MIB] [--nvmm PATH] [--guest PATH] [--only nvmm|qemu]
+                    [--json FILE]
+
+The test guest's "net_bench" scenario (tests/guest/README.md) connects to a server this harness
+runs on the host end of the tap, sends MIB MiB (markers 0x30 .. 0x31 on I/O port 0x80), then
+receives MIB MiB from the host (0x32 .. 0x33). nvmm's markers come from its -v log, QEMU's from
+an isa-debugcon on port 0x80; this harness timestamps both on arrival. QEMU uses its default
+userspace virtio-net backend on the same kind of tap (no vhost-net). Each monitor runs N times
+(alternating); the table shows medians and nvmm/QEMU ratios. Target: nvmm >= 1.0x QEMU.
+The host row is loopback TCP inside the same namespace (the physical limit of this machine).
+
+Options:
+  -n N          runs per monitor (default 3)
+  --mib MIB     bytes each way (default 32)
+  --nvmm PATH   nvmm binary (default target/release/nvmm, built if missing)
+  --guest PATH  test guest ELF (default: the one cargo built for target/release/nvmm)
+  --only WHICH  measure only nvmm or only qemu
+  --json FILE   also write the figures as JSON
+Needs root (network namespace, tap).
+USAGE
+}
+
+die() { echo "bench/net.sh: error: $*" >&2; exit 1; }
+
+runs=3 mib=32 nvmm='' guest=${NVMM_TEST_GUEST:-} only='' json=''
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        -h | --help) usage; exit 0 ;;
+        -n) runs=${2:?}; shift ;;
+        --mib) mib=${2:?}; shift ;;
+        --nvmm) nvmm=${2:?}; shift ;;
+        --guest) guest=${2:?}; shift ;;
+        --only) only=${2:?}; shift ;;
+        --json) json=${2:?}; shift ;;
+        *) usage >&2; die "unknown argument: $1" ;;
+    esac
+    shift
+done
+[[ $runs =~ ^[1-9][0-9]*$ && $mib =~ ^[1-9][0-9]*$ ]] || die "-n and --mib take positive integers"
+[[ -z $only || $only == nvmm || $only == qemu ]] || die "--only takes nvmm or qemu"
+[[ $(id -u) -eq 0 ]] || die "needs root (network namespace and tap)"
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+command -v python3 >/dev/null || die "python3 not found (apt-get install python3)"
+if [[ $only != nvmm ]] && ! command -v qemu-system-x86_64 >/dev/null; then
+    die "qemu-system-x86_64 not found; install it with: apt-get install -y qemu-system-x86 (or use --only nvmm)"
+fi
+if [[ -z $nvmm ]]; then
+    nvmm=target/release/nvmm
+    [[ -x $nvmm ]] || cargo build --release -p nvmm >&2 || die "building nvmm failed"
+fi
+if [[ -z $guest ]]; then
+    # shellcheck disable=SC2012 # build paths are plain; ls -t gives the newest
+    guest=$(ls -t target/release/build/nvmm-*/out/guest/release/nvmm-test-guest 2>/dev/null | head -n 1)
+fi
+[[ -f $guest ]] || die "test guest ELF not found (build nvmm with cargo build --release, or use --guest)"
+nvmm=$(realpath "$nvmm") guest=$(realpath "$guest")
+
+ns=nvmmbench-$$
+cleanup() { ip netns del "$ns" 2>/dev/null || true; }
+trap cleanup EXIT
+ip netns add "$ns"
+ip -n "$ns" link set lo up
+ip -n "$ns" tuntap add tap0 mode tap vnet_hdr
+ip -n "$ns" addr add 10.77.0.1/24 dev tap0
+ip -n "$ns" link set tap0 up
+
+ip netns exec "$ns" python3 - "$runs" "$mib" "$nvmm" "$guest" "$only" "$json" <<'PY'
+"""Serve the guest's net_bench, timestamp its port-0x80 phase markers."""
+import json, os, select, socket, statistics, subprocess, sys, threading, time
+
+runs, mib = int(sys.argv[1]), int(sys.argv[2])
+nvmm, guest, only, json_path = sys.argv[3:7]
+HOST, PORT, TIMEOUT_S, TOTAL = "10.77.0.1", 5001, 300.0, mib << 20
+CMDLINE = (f"nvmm_test=net_bench nvmm_ip=10.77.0.2/24 nvmm_gw={HOST} "
+           f"connect={HOST}:{PORT} bench_mib={mib}")
+PHASES = [("guest->host MiB/s", 0x30, 0x31), ("host->guest MiB/s", 0x32, 0x33)]
+MAC = "52:54:00:12:34:56"
+
+
+def argv(name):
+    if name == "nvmm":
+        return [nvmm, "run", "-v", "--kernel", guest, "--mem", "64", "--cmdline", CMDLINE,
+                "--tap", f"tap0,mac={MAC}"]
+    return ["qemu-system-x86_64", "-M", "microvm,acpi=off", "-accel", "kvm", "-m", "64",
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-global", "virtio-mmio.force-legacy=false", "-kernel", guest, "-append", CMDLINE,
+            "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
+            "-device", f"virtio-net-device,netdev=n0,mac={MAC}",
+            "-device", "isa-debugcon,iobase=0x80,chardev=dbg", "-chardev", "stdio,id=dbg",
+            "-serial", "null"]
+
+
+def serve(listener, errors):
+    """Receive TOTAL bytes and the 'R', then send TOTAL bytes."""
+    try:
+        conn, _ = listener.accept()
+        with conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            got = 0
+            while got < TOTAL + 1:
+                chunk = conn.recv(1 << 20)
+                if not chunk:
+                    raise RuntimeError(f"guest closed after {got} bytes")
+                got += len(chunk)
+            block = bytes(range(256)) * 4096
+            sent = 0
+            while sent < TOTAL:
+                sent += conn.send(block[: min(len(block), TOTAL - sent)])
+            conn.shutdown(socket.SHUT_WR)
+            conn.recv(1)
+    except Exception as e:  # reported by the main thread
+        errors.append(e)
+
+
+def markers(name, data):
+    if name == "qemu":
+        return list(data)
+    found = []
+    for line in data.decode(errors="replace").splitlines():
+        if "debug port 0x80: " in line:
+            found.append(int(line.split("debug port 0x80: ")[1].split()[0], 16))
+    return found
+
+
+def run_once(name):
+    listener = socket.create_server((HOST, PORT), reuse_port=True)
+    errors = []
+    server = threading.Thread(target=serve, args=(listener, errors), daemon=True)
+    server.start()
+    p = subprocess.Popen(argv(name), stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE if name == "qemu" else subprocess.DEVNULL,
+                         stderr=subprocess.PIPE if name == "nvmm" else subprocess.DEVNULL)
+    stream = (p.stdout if name == "qemu" else p.stderr).fileno()
+    data, seen, when = b"", 0, {}
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while 0x33 not in when:
+            left = deadline - time.monotonic()
+            if errors:
+                sys.exit(f"bench/net.sh: {name}: server: {errors[0]}")
+            if left <= 0 or not select.select([stream], [], [], min(left, 1.0))[0]:
+                if left <= 0:
+                    sys.exit(f"bench/net.sh: {name}: no end marker within {TIMEOUT_S:.0f} s")
+                continue
+            piece = os.read(stream, 65536)
+            if not piece:
+                sys.exit(f"bench/net.sh: {name} exited early: {data[-2000:].decode(errors='replace')}")
+            now = time.monotonic()
+            data += piece
+            found = markers(name, data)
+            for code in found[seen:]:
+                when.setdefault(code, now)
+            seen = len(found)
+    finally:
+        p.kill()
+        p.wait()
+        listener.close()
+    return {label: mib / (when[end] - when[start]) for label, start, end in PHASES}
+
+
+def host_once():
+    """Loopback TCP, both directions, in this namespace."""
+    out = {}
+    for label, _, _ in PHASES:
+        listener = socket.create_server(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        def sink():
+            conn, _ = listener.accept()
+            with conn:
+                while conn.recv(1 << 20):
+                    pass
+        t = threading.Thread(target=sink)
+        t.start()
+        block = bytes(1 << 20)
+        start = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port)) as c:
+            for _ in range(mib):
+                c.sendall(block)
+        t.join()
+        out[label] = mib / (time.monotonic() - start)
+        listener.close()
+    return out
+
+
+names = [n for n in ("nvmm", "qemu") if only in ("", n)]
+samples = {n: [] for n in names + ["host"]}
+for i in range(runs):
+    for name in names if i % 2 == 0 else list(reversed(names)):
+        samples[name].append(run_once(name))
+    samples["host"].append(host_once())
+
+table = {n: {label: statistics.median(s[label] for s in samples[n]) for label, *_ in PHASES}
+         for n in samples}
+print(f"virtio-net benchmark: {runs} runs each, {mib} MiB each way")
+header = f"{'':20}" + "".join(f"{n:>10}" for n in samples)
+if len(names) == 2:
+    header += f"{'nvmm/qemu':>11}"
+print(header)
+result = {"runs": runs, "mib": mib, "median": table, "samples": samples}
+for label, *_ in PHASES:
+    row = f"{label:20}" + "".join(f"{table[n][label]:10.1f}" for n in samples)
+    if len(names) == 2:
+        r = table["nvmm"][label] / table["qemu"][label]
+        result.setdefault("ratio_nvmm_over_qemu", {})[label] = r
+        row += f"{r:11.2f}"
+    print(row)
+print("target: nvmm >= 1.0x QEMU on every figure")
+if json_path:
+    with open(json_path, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+PY

@@ -1,0 +1,696 @@
+//! A polled virtio-net driver (virtio 1.x, section 5.1) on one virtio-mmio
+//! device, and smoltcp's [`Device`] on top of it.
+//!
+//! Queue 0 receives, queue 1 transmits; there is no control queue. Features
+//! accepted when offered: MAC, STATUS, MRG_RXBUF (unless
+//! `virtio_net_mrg_rxbuf=0`), and the transport's VERSION_1, EVENT_IDX and
+//! INDIRECT_DESC. No checksum or segmentation offload: the guest computes
+//! every checksum itself (TCP's in this driver, see [`checksum`], the rest in
+//! smoltcp), so each frame is a plain Ethernet frame of at most
+//! [`MAX_FRAME`] bytes and every virtio-net header is all zero (but
+//! `num_buffers` on receive). A received TCP segment with a wrong checksum is
+//! dropped here.
+//!
+//! **Receive**: the receive queue holds up to [`MAX_RX_BUFFERS`] buffers of
+//! `rx_buffer` bytes (2 KiB unless `virtio_net_rx_buffer=N`), one
+//! device-writable descriptor each, and every buffer goes back into the queue
+//! as soon as its frame has been handed to smoltcp. A frame normally sits in
+//! one buffer, right after its 12-byte header, and smoltcp reads it in place.
+//! With MRG_RXBUF the header's `num_buffers` may say that the frame goes on in
+//! the next used buffers (no header in those): the pieces are copied into an
+//! assembly buffer, and those buffers are reposted at once.
+//!
+//! **Transmit**: each frame has a 2 KiB slot: the zero header, then the frame
+//! smoltcp writes in place, sent as one device-readable descriptor (or, with
+//! `virtio_net_tx_split=1`, as two: the header and the frame 64 bytes further,
+//! through an indirect table in the slot when INDIRECT_DESC is negotiated, as
+//! Linux sends multi-segment frames).
+//!
+//! Notifications follow the event-index rules ([`Virtqueue::needs_notification`]);
+//! the driver decides once per [`NetDevice::flush`], which the stack calls after
+//! every smoltcp poll, so a burst of frames costs one notification at most.
+
+use core::iter::once;
+use core::ptr::{read_volatile, write_volatile};
+
+use smoltcp::phy::{self, Checksum, Device, DeviceCapabilities, Medium};
+use smoltcp::time::Instant;
+
+use crate::checksum;
+use crate::dma::{Arena, DmaBuf, claim_ring_pages};
+use crate::virtio_mmio::{F_EVENT_IDX, F_INDIRECT_DESC, Options, Transport};
+use crate::virtqueue::{Buf, Virtqueue};
+
+// Device feature bits.
+pub const F_MAC: u64 = 1 << 5;
+pub const F_MRG_RXBUF: u64 = 1 << 15;
+pub const F_STATUS: u64 = 1 << 16;
+
+// Configuration space (struct virtio_net_config).
+const CFG_MAC: u64 = 0;
+const CFG_STATUS: u64 = 6;
+const CONFIG_STATUS_LINK_UP: u16 = 1;
+
+const RX_QUEUE: u32 = 0;
+const TX_QUEUE: u32 = 1;
+
+/// `struct virtio_net_hdr` with VERSION_1: flags, gso_type, hdr_len,
+/// gso_size, csum_start, csum_offset, num_buffers.
+pub const HEADER_LEN: usize = 12;
+/// Offset of `num_buffers` in the header.
+const HEADER_NUM_BUFFERS: u64 = 10;
+
+/// Largest Ethernet frame without segmentation offloads: a 1500-byte IP
+/// packet and the 14-byte Ethernet header (the FCS never reaches the guest).
+pub const MAX_FRAME: usize = 1514;
+/// Room for a received frame that a device sends with a VLAN tag, or one a
+/// little larger than it should be: the assembly buffer's size.
+const MAX_RX_FRAME: usize = 2048;
+
+/// Default receive buffer size: a whole frame and its header fit.
+pub const DEFAULT_RX_BUFFER: usize = 2048;
+/// Smallest receive buffer `virtio_net_rx_buffer=` allows with MRG_RXBUF
+/// (the header must fit in the first buffer of a frame).
+pub const MIN_RX_BUFFER: usize = 64;
+/// Smallest receive buffer without MRG_RXBUF: every frame must fit in one
+/// (spec 5.1.6.3.1: 1526 bytes, header included).
+const MIN_RX_BUFFER_NO_MERGE: usize = HEADER_LEN + MAX_FRAME;
+/// Largest receive buffer `virtio_net_rx_buffer=` allows (the DMA arena
+/// holds [`MAX_RX_BUFFERS`] of them per device).
+pub const MAX_RX_BUFFER: usize = 2048;
+/// Most receive buffers posted (fewer if the queue is smaller).
+const MAX_RX_BUFFERS: usize = 128;
+
+/// Bytes per transmit slot, and where its parts go.
+const TX_SLOT: usize = 2048;
+/// Where the frame goes when the header has a descriptor of its own.
+const TX_SPLIT_FRAME: usize = 64;
+/// Where the two-entry indirect table goes (16-byte aligned, after the frame).
+const TX_TABLE: usize = TX_SPLIT_FRAME + MAX_FRAME + 6;
+/// Most frames in flight (fewer if the queue is smaller).
+const MAX_TX_SLOTS: usize = 128;
+
+const _: () = assert!(TX_TABLE.is_multiple_of(16) && TX_TABLE + 32 <= TX_SLOT);
+const _: () = assert!(HEADER_LEN + MAX_FRAME <= TX_SLOT);
+
+/// The virtio-net options of the command line, besides the virtio ones.
+#[derive(Clone, Copy)]
+pub struct NetOptions {
+    pub virtio: Options,
+    /// Accept MRG_RXBUF when offered (`virtio_net_mrg_rxbuf=0` refuses it).
+    pub mrg_rxbuf: bool,
+    /// Receive buffer size (`virtio_net_rx_buffer=N`; only with MRG_RXBUF may
+    /// it be smaller than a whole frame).
+    pub rx_buffer: usize,
+    /// Header and frame in separate descriptors (`virtio_net_tx_split=1`).
+    pub tx_split: bool,
+}
+
+/// Counters for the end-of-scenario line.
+#[derive(Clone, Copy, Default)]
+pub struct Stats {
+    pub rx_frames: u64,
+    /// Frames that came in more than one buffer (MRG_RXBUF).
+    pub rx_merged: u64,
+    /// Frames dropped: shorter than a header, too long, or with a wrong TCP
+    /// checksum.
+    pub rx_dropped: u64,
+    pub tx_frames: u64,
+    /// QueueNotify writes, both queues.
+    pub notifications: u64,
+}
+
+/// One initialised virtio-net device.
+pub struct NetDevice {
+    index: usize,
+    transport: Transport,
+    features: u64,
+    mac: [u8; 6],
+    link_up: bool,
+    rx: RxRing,
+    tx: TxRing,
+    /// Frames still to hand out in this poll (see [`begin_poll`](Self::begin_poll)).
+    rx_budget: usize,
+    /// The first thing the device did wrong; the stack checks after each poll.
+    error: Option<&'static str>,
+    notifications: u64,
+}
+
+impl NetDevice {
+    /// Brings up the network device behind `transport` (virtio device number
+    /// `index`): features, both queues, DRIVER_OK, receive buffers posted.
+    /// `fallback_mac` is used when the device offers no MAC.
+    pub fn init(
+        index: usize,
+        transport: Transport,
+        arena: &mut Arena,
+        options: NetOptions,
+        fallback_mac: [u8; 6],
+    ) -> Result<NetDevice, &'static str> {
+        let mut wanted = F_MAC | F_STATUS;
+        if options.mrg_rxbuf {
+            wanted |= F_MRG_RXBUF;
+        }
+        if options.virtio.event_idx {
+            wanted |= F_EVENT_IDX;
+        }
+        if options.virtio.indirect {
+            wanted |= F_INDIRECT_DESC;
+        }
+        let features = transport.negotiate(wanted)?;
+        let has = |bit| features & bit != 0;
+        let mrg_rxbuf = has(F_MRG_RXBUF);
+        let buf_len = if mrg_rxbuf {
+            options.rx_buffer
+        } else {
+            options.rx_buffer.max(MIN_RX_BUFFER_NO_MERGE)
+        };
+
+        let rx_queue = Self::queue(&transport, RX_QUEUE, options.virtio, has(F_EVENT_IDX))?;
+        let tx_queue = Self::queue(&transport, TX_QUEUE, options.virtio, has(F_EVENT_IDX))?;
+
+        let mac = if has(F_MAC) {
+            Self::read_mac(&transport)
+        } else {
+            fallback_mac
+        };
+        let link_up = !has(F_STATUS) || transport.config16(CFG_STATUS) & CONFIG_STATUS_LINK_UP != 0;
+
+        let rx_count = usize::from(rx_queue.size()).min(MAX_RX_BUFFERS);
+        // All the buffers together must hold a full-size frame, or the
+        // device waits forever for room to put one.
+        if rx_count * buf_len < MIN_RX_BUFFER_NO_MERGE {
+            transport.fail();
+            return Err("rx-queue-too-small");
+        }
+        let rx = RxRing {
+            queue: rx_queue,
+            buffers: arena.alloc(rx_count * buf_len, 4096)?,
+            buf_len,
+            mrg_rxbuf,
+            assembly: arena.alloc(MAX_RX_FRAME, 64)?,
+            partial: None,
+            stats: Stats::default(),
+        };
+        let indirect = options.tx_split && has(F_INDIRECT_DESC);
+        // A direct split frame takes two descriptors.
+        let per_frame = if options.tx_split && !indirect { 2 } else { 1 };
+        let tx_count = (usize::from(tx_queue.size()) / per_frame).min(MAX_TX_SLOTS);
+        let mut tx = TxRing {
+            queue: tx_queue,
+            slots: arena.alloc(tx_count * TX_SLOT, 4096)?,
+            free: [0; MAX_TX_SLOTS],
+            free_count: 0,
+            split: options.tx_split,
+            indirect,
+            frames: 0,
+        };
+        for slot in 0..tx_count {
+            // The header stays all zero for good (no offloads): written once.
+            tx.write_header(slot);
+            tx.free[slot] = slot as u16;
+        }
+        tx.free_count = tx_count;
+
+        transport.driver_ok()?;
+        let mut dev = NetDevice {
+            index,
+            transport,
+            features,
+            mac,
+            link_up,
+            rx,
+            tx,
+            rx_budget: 0,
+            error: None,
+            notifications: 0,
+        };
+        for slot in 0..rx_count {
+            dev.rx.post(slot as u16);
+        }
+        dev.flush();
+        Ok(dev)
+    }
+
+    /// Sets up queue `index` with ring pages of its own.
+    fn queue(
+        transport: &Transport,
+        index: u32,
+        options: Options,
+        event_idx: bool,
+    ) -> Result<Virtqueue, &'static str> {
+        let max = transport.queue_max(index);
+        if max == 0 {
+            transport.fail();
+            return Err("no-queue");
+        }
+        let Some(pages) = claim_ring_pages() else {
+            transport.fail();
+            return Err("too-many-virtio-devices");
+        };
+        let size = options.queue_size(max);
+        // SAFETY: the pages were just claimed for this queue alone, and
+        // `queue_size` returns a power of two no larger than MAX_QUEUE_SIZE.
+        let queue = unsafe { Virtqueue::new(pages, size, event_idx) };
+        transport.setup_queue(index, &queue)?;
+        Ok(queue)
+    }
+
+    /// The six MAC bytes, read a byte at a time until the configuration
+    /// generation says they belong together.
+    fn read_mac(transport: &Transport) -> [u8; 6] {
+        loop {
+            let generation = transport.config_generation();
+            let mut mac = [0u8; 6];
+            for (offset, byte) in (CFG_MAC..).zip(mac.iter_mut()) {
+                *byte = transport.config8(offset);
+            }
+            if transport.config_generation() == generation {
+                return mac;
+            }
+        }
+    }
+
+    /// The virtio device number (`dev=N`).
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// Negotiated features (transport and device bits).
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// Whether the device said the link was up at initialisation (always,
+    /// without STATUS).
+    pub fn link_up(&self) -> bool {
+        self.link_up
+    }
+
+    pub fn mrg_rxbuf(&self) -> bool {
+        self.rx.mrg_rxbuf
+    }
+
+    pub fn stats(&self) -> Stats {
+        Stats {
+            tx_frames: self.tx.frames,
+            notifications: self.notifications,
+            ..self.rx.stats
+        }
+    }
+
+    /// The first error the device caused (a used ring entry naming a buffer
+    /// that was not in the queue), if any.
+    pub fn error(&self) -> Option<&'static str> {
+        self.error
+    }
+
+    /// Call before each smoltcp poll: it then takes at most a queue's worth
+    /// of frames before it transmits, so that acknowledgements go out even
+    /// while frames keep arriving.
+    pub fn begin_poll(&mut self) {
+        self.rx_budget = MAX_RX_BUFFERS;
+    }
+
+    /// Reclaims sent frames and notifies each queue that has new buffers, if
+    /// the device asked to hear about them. Call after each smoltcp poll.
+    pub fn flush(&mut self) {
+        self.reclaim_tx();
+        for (index, queue) in [
+            (RX_QUEUE, &mut self.rx.queue),
+            (TX_QUEUE, &mut self.tx.queue),
+        ] {
+            if queue.needs_notification() {
+                self.transport.notify(index);
+                self.notifications += 1;
+            }
+        }
+    }
+
+    fn reclaim_tx(&mut self) {
+        if let Err(reason) = self.tx.reclaim() {
+            self.error.get_or_insert(reason);
+        }
+    }
+}
+
+/// The receive queue and its buffers.
+struct RxRing {
+    queue: Virtqueue,
+    /// Buffer `n` is `buffers[n * buf_len..][..buf_len]`; its token is `n`.
+    buffers: DmaBuf,
+    buf_len: usize,
+    mrg_rxbuf: bool,
+    /// Where a frame that spans several buffers is put together.
+    assembly: DmaBuf,
+    /// A frame being put together whose later buffers have not come yet.
+    partial: Option<Partial>,
+    stats: Stats,
+}
+
+#[derive(Clone, Copy)]
+struct Partial {
+    /// Buffers still to come.
+    remaining: u16,
+    /// Bytes assembled so far.
+    len: usize,
+    /// The frame is longer than the assembly buffer: consume it, then drop it.
+    too_long: bool,
+}
+
+/// Where the next received frame is.
+#[derive(Clone, Copy)]
+enum Frame {
+    /// In place, after the header of receive buffer `slot`; `len` frame bytes.
+    InPlace { slot: u16, len: usize },
+    /// In the assembly buffer, `len` bytes.
+    Assembled { len: usize },
+}
+
+impl RxRing {
+    fn buffer_addr(&self, slot: u16) -> u64 {
+        self.buffers.addr() + (usize::from(slot) * self.buf_len) as u64
+    }
+
+    /// The bytes of a frame the device has delivered. Valid until its
+    /// buffer is posted again (or, assembled, until the next frame is).
+    fn frame_bytes(&self, frame: Frame) -> &[u8] {
+        match frame {
+            Frame::InPlace { slot, len } => {
+                let addr = self.buffer_addr(slot) + HEADER_LEN as u64;
+                // SAFETY: the device has returned this buffer and gets it
+                // back only through `post`, which needs `&mut self` and so
+                // ends this borrow; the frame lies inside the buffer (the
+                // used length was checked against buf_len).
+                unsafe { core::slice::from_raw_parts(addr as *const u8, len) }
+            }
+            // SAFETY: the assembly buffer is guest-only, and `len` is at
+            // most its size (checked while assembling).
+            Frame::Assembled { len } => unsafe { &self.assembly.bytes()[..len] },
+        }
+    }
+
+    /// Gives receive buffer `slot` back to the device.
+    fn post(&mut self, slot: u16) {
+        let buf = Buf {
+            addr: self.buffer_addr(slot),
+            len: self.buf_len as u32,
+            device_writes: true,
+        };
+        // SAFETY: the buffer is this slot's part of `buffers`, which only the
+        // receive queue uses; the guest reads it again only after the device
+        // returns it. There is a descriptor for every slot (the count is at
+        // most the queue size), so the queue cannot be full.
+        let added = unsafe { self.queue.add(once(buf), 1, slot) };
+        debug_assert!(added.is_ok(), "receive queue full");
+    }
+
+    /// The next complete frame, if the device has delivered one.
+    fn next_frame(&mut self) -> Result<Option<Frame>, &'static str> {
+        loop {
+            if let Some(partial) = self.partial {
+                match self.continue_frame(partial)? {
+                    Some(frame) => return Ok(Some(frame)),
+                    None if self.partial.is_some() => return Ok(None),
+                    None => continue,
+                }
+            }
+            let Some(used) = self.queue.pop_used()? else {
+                return Ok(None);
+            };
+            let slot = used.token;
+            let len = used.len as usize;
+            if !(HEADER_LEN..=self.buf_len).contains(&len) {
+                self.stats.rx_dropped += 1;
+                self.post(slot);
+                continue;
+            }
+            let num_buffers = if self.mrg_rxbuf {
+                // SAFETY: the device has returned this buffer, so the guest
+                // may read it; the header lies inside it (len >= HEADER_LEN).
+                unsafe {
+                    read_volatile((self.buffer_addr(slot) + HEADER_NUM_BUFFERS) as *const u16)
+                }
+            } else {
+                1
+            };
+            self.stats.rx_frames += 1;
+            if num_buffers <= 1 {
+                let frame = Frame::InPlace {
+                    slot,
+                    len: len - HEADER_LEN,
+                };
+                if checksum::tcp_ok(self.frame_bytes(frame)) {
+                    return Ok(Some(frame));
+                }
+                self.stats.rx_dropped += 1;
+                self.post(slot);
+                continue;
+            }
+            self.stats.rx_merged += 1;
+            let mut partial = Partial {
+                remaining: num_buffers - 1,
+                len: 0,
+                too_long: false,
+            };
+            self.append(&mut partial, slot, HEADER_LEN, len);
+            self.partial = Some(partial);
+        }
+    }
+
+    /// Takes the further buffers of a merged frame as they come.
+    fn continue_frame(&mut self, mut partial: Partial) -> Result<Option<Frame>, &'static str> {
+        while partial.remaining > 0 {
+            let Some(used) = self.queue.pop_used()? else {
+                self.partial = Some(partial);
+                return Ok(None);
+            };
+            let len = (used.len as usize).min(self.buf_len);
+            self.append(&mut partial, used.token, 0, len);
+            partial.remaining -= 1;
+        }
+        self.partial = None;
+        let frame = Frame::Assembled { len: partial.len };
+        if partial.too_long || !checksum::tcp_ok(self.frame_bytes(frame)) {
+            self.stats.rx_dropped += 1;
+            return Ok(None);
+        }
+        Ok(Some(frame))
+    }
+
+    /// Copies bytes `from..to` of buffer `slot` to the end of the frame being
+    /// assembled, and gives the buffer back.
+    fn append(&mut self, partial: &mut Partial, slot: u16, from: usize, to: usize) {
+        let piece = to.saturating_sub(from);
+        if partial.len + piece > MAX_RX_FRAME {
+            partial.too_long = true;
+        }
+        if !partial.too_long {
+            let src = self.buffer_addr(slot) + from as u64;
+            // SAFETY: the device has returned buffer `slot`, and `from..to`
+            // lies inside it (`to` is at most `buf_len`); the assembly buffer
+            // is guest-only and the copy fits (checked above).
+            unsafe {
+                let dest = self.assembly.bytes_mut().as_mut_ptr().add(partial.len);
+                core::ptr::copy_nonoverlapping(src as *const u8, dest, piece);
+            }
+            partial.len += piece;
+        }
+        self.post(slot);
+    }
+}
+
+/// The transmit queue and its slots.
+struct TxRing {
+    queue: Virtqueue,
+    /// Slot `n` is `slots[n * TX_SLOT..][..TX_SLOT]`; its token is `n`.
+    slots: DmaBuf,
+    /// Free slot numbers, `free[..free_count]`.
+    free: [u16; MAX_TX_SLOTS],
+    free_count: usize,
+    split: bool,
+    indirect: bool,
+    frames: u64,
+}
+
+impl TxRing {
+    fn slot_addr(&self, slot: usize) -> u64 {
+        self.slots.addr() + (slot * TX_SLOT) as u64
+    }
+
+    fn frame_offset(&self) -> usize {
+        if self.split {
+            TX_SPLIT_FRAME
+        } else {
+            HEADER_LEN
+        }
+    }
+
+    fn write_header(&mut self, slot: usize) {
+        let addr = self.slot_addr(slot);
+        // SAFETY: the header lies at the start of this free slot, which no
+        // request in flight uses; 12 bytes as three aligned 32-bit stores.
+        unsafe {
+            for offset in [0, 4, 8] {
+                write_volatile((addr + offset) as *mut u32, 0);
+            }
+        }
+    }
+
+    /// Takes back the slots of frames the device has sent.
+    fn reclaim(&mut self) -> Result<(), &'static str> {
+        while let Some(used) = self.queue.pop_used()? {
+            self.free[self.free_count] = used.token;
+            self.free_count += 1;
+        }
+        Ok(())
+    }
+
+    /// Sends the `len`-byte frame that `fill` writes, in a free slot.
+    ///
+    /// # Panics
+    /// If no slot is free (the caller checks first) or `len` is over
+    /// [`MAX_FRAME`] (smoltcp never asks for more than the MTU).
+    fn send<R>(&mut self, len: usize, fill: impl FnOnce(&mut [u8]) -> R) -> R {
+        assert!(len <= MAX_FRAME, "frame of {len} bytes");
+        self.free_count -= 1;
+        let slot = usize::from(self.free[self.free_count]);
+        let addr = self.slot_addr(slot);
+        let frame_addr = addr + self.frame_offset() as u64;
+        // SAFETY: the slot is free, so the device does not read it; the frame
+        // area lies inside the slot (see the TX_* layout checks).
+        let frame = unsafe { core::slice::from_raw_parts_mut(frame_addr as *mut u8, len) };
+        let result = fill(frame);
+        checksum::fill_tcp(frame);
+        let header = Buf {
+            addr,
+            len: HEADER_LEN as u32,
+            device_writes: false,
+        };
+        let frame = Buf {
+            addr: frame_addr,
+            len: len as u32,
+            device_writes: false,
+        };
+        let token = slot as u16;
+        // SAFETY: the slot is the device's until its token comes back in
+        // `reclaim`; the queue has room (one slot per descriptor, or two in
+        // direct split mode, which `init` sized the slots for); the table
+        // is the slot's own 16-byte aligned room for two descriptors.
+        let added = unsafe {
+            if !self.split {
+                let whole = Buf {
+                    len: (HEADER_LEN + len) as u32,
+                    ..header
+                };
+                self.queue.add(once(whole), 1, token)
+            } else if self.indirect {
+                let table = addr + TX_TABLE as u64;
+                self.queue
+                    .add_indirect(table, [header, frame].into_iter(), 2, token)
+            } else {
+                self.queue.add([header, frame].into_iter(), 2, token)
+            }
+        };
+        debug_assert!(added.is_ok(), "transmit queue full");
+        self.frames += 1;
+        result
+    }
+}
+
+impl Device for NetDevice {
+    type RxToken<'a> = RxToken<'a>;
+    type TxToken<'a> = TxToken<'a>;
+
+    fn receive(&mut self, _timestamp: Instant) -> Option<(RxToken<'_>, TxToken<'_>)> {
+        if self.rx_budget == 0 {
+            return None;
+        }
+        // smoltcp may answer the frame at once (ARP, ping): keep a slot for it.
+        if self.tx.free_count == 0 {
+            self.reclaim_tx();
+            if self.tx.free_count == 0 {
+                return None;
+            }
+        }
+        let frame = match self.rx.next_frame() {
+            Ok(frame) => frame?,
+            Err(reason) => {
+                self.error.get_or_insert(reason);
+                return None;
+            }
+        };
+        self.rx_budget -= 1;
+        Some((
+            RxToken {
+                rx: &mut self.rx,
+                frame,
+            },
+            TxToken { tx: &mut self.tx },
+        ))
+    }
+
+    fn transmit(&mut self, _timestamp: Instant) -> Option<TxToken<'_>> {
+        if self.tx.free_count == 0 {
+            self.reclaim_tx();
+            if self.tx.free_count == 0 {
+                // Let the device catch up before smoltcp tries again.
+                self.flush();
+                return None;
+            }
+        }
+        Some(TxToken { tx: &mut self.tx })
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ethernet;
+        caps.max_transmission_unit = MAX_FRAME;
+        // The driver does TCP checksums itself, faster (see `checksum`).
+        caps.checksum.tcp = Checksum::None;
+        caps
+    }
+}
+
+/// A received frame for smoltcp; its buffer goes back to the device when
+/// the token is dropped.
+pub struct RxToken<'a> {
+    rx: &'a mut RxRing,
+    frame: Frame,
+}
+
+impl phy::RxToken for RxToken<'_> {
+    fn consume<R, F>(self, f: F) -> R
+    where
+        F: FnOnce(&[u8]) -> R,
+    {
+        // The buffer goes back to the device when the token is dropped, after `f`.
+        f(self.rx.frame_bytes(self.frame))
+    }
+}
+
+impl Drop for RxToken<'_> {
+    fn drop(&mut self) {
+        if let Frame::InPlace { slot, .. } = self.frame {
+            self.rx.post(slot);
+        }
+    }
+}
+
+/// Room for one frame to send.
+pub struct TxToken<'a> {
+    tx: &'a mut TxRing,
+}
+
+impl phy::TxToken for TxToken<'_> {
+    fn consume<R, F>(self, len: usize, f: F) -> R
+    where
+        F: FnOnce(&mut [u8]) -> R,
+    {
+        self.tx.send(len, f)
+    }
+}
