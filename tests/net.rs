@@ -105,6 +105,7 @@ fn host_and_guest_talk_tcp_and_icmp_over_a_tap() {
     assert!(echoed == expected, "echo differs");
 
     child.kill().unwrap();
+    child.stdout = Some(stdout);
     let out = wait_with_guard(child);
     assert!(!out.stderr.contains("panicked"), "{out:?}");
 }
@@ -254,6 +255,7 @@ fn the_host_reaches_a_guest_by_ip_and_through_a_forwarded_port() {
 
     // SAFETY: kill has no memory-safety preconditions.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    child.stdout = Some(stdout);
     let out = wait_with_guard(child);
     assert_eq!(out.code(), Some(128 + libc::SIGTERM), "{out:?}");
     assert_eq!(ns.links(), vec!["lo".to_owned()], "tap and bridge are gone");
