@@ -208,7 +208,7 @@ if len(names) == 2:
 print(header)
 result = {"runs": runs, "mib": mib, "median": table, "samples": samples}
 for label, *_ in PHASES:
-    row = f"{label:20}" + "".join(f"{table[n][label]:10.1f}" for n in samples)
+    row = f"{label:20}" + "".join(f"{table[n][label]:10.3g}" for n in samples)
     if len(names) == 2:
         r = table["nvmm"][label] / table["qemu"][label]
         result.setdefault("ratio_nvmm_over_qemu", {})[label] = r

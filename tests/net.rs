@@ -231,6 +231,15 @@ fn the_host_reaches_a_guest_by_ip_and_through_a_forwarded_port() {
         ns.links()
     );
 
+    let record = std::fs::read_to_string(dirs.0.join("run/vms/echo/forwards")).unwrap();
+    let lines: Vec<&str> = record.lines().collect();
+    assert_eq!(lines.len(), 2, "{record}");
+    assert!(
+        lines[0].starts_with("127.0.0.1:") && lines[0].ends_with(" 22"),
+        "ssh first: {record}"
+    );
+    assert_eq!(lines[1], format!("{} 7", forwarded[0]));
+
     let ping = ns
         .command("ping")
         .args(["-c", "2", "-W", "5", &address])
@@ -264,6 +273,54 @@ fn the_host_reaches_a_guest_by_ip_and_through_a_forwarded_port() {
         "no member left: {:?}",
         dirs.members()
     );
+    assert!(
+        !dirs.0.join("run/vms/echo").exists(),
+        "forward record removed"
+    );
+}
+
+#[test]
+fn a_forward_to_a_port_in_use_is_a_clear_error_and_leaves_nothing() {
+    if !kvm_or_skip("net port in use") {
+        return;
+    }
+    let Some(ns) = Netns::new("net port in use") else {
+        return;
+    };
+    let dirs = StateDirs::new();
+    let (port_tx, port_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let path = format!("/var/run/netns/{}", ns.name);
+    let holder = std::thread::spawn(move || {
+        let file = std::fs::File::open(path).unwrap();
+        // SAFETY: setns only changes this thread's network namespace.
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        port_tx.send(listener.local_addr().unwrap().port()).unwrap();
+        let _ = done_rx.recv();
+    });
+    let port = port_rx.recv().unwrap();
+    let forward = format!("{port}:80");
+    let child = start_on_network(
+        &ns,
+        &dirs,
+        "busy",
+        "nvmm_test=hello",
+        &["--forward", &forward],
+    );
+    let out = wait_with_guard(child);
+    done_tx.send(()).unwrap();
+    holder.join().unwrap();
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains(&format!("127.0.0.1:{port}")), "{out:?}");
+    assert!(
+        out.stderr.contains("hint: pick another host port"),
+        "{out:?}"
+    );
+    assert!(out.stdout.is_empty(), "{out:?}");
+    assert_eq!(ns.links(), vec!["lo".to_owned()], "no tap, no bridge left");
+    assert!(dirs.members().is_empty(), "{:?}", dirs.members());
 }
 
 #[test]

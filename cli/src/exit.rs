@@ -37,6 +37,9 @@ pub enum CliError {
     /// A port forward could not start.
     #[error(transparent)]
     Forward(#[from] crate::net::forward::ForwardError),
+    /// The VM's forwarded ports could not be recorded.
+    #[error("cannot record the VM's forwarded ports")]
+    Record(#[source] std::io::Error),
     /// Writing the report failed.
     #[error("cannot write to stdout")]
     Stdout(#[source] std::io::Error),

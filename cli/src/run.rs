@@ -39,15 +39,48 @@ fn boot_and_serve(config: &nvmm_vmm::VmConfig) -> Result<nvmm_vmm::VmExit, CliEr
 
 /// A VM's place on a network, for as long as it runs.
 struct VmNetwork {
-    // Fields drop in order: forwarders first, then the tap.
+    // Fields drop in order: the record, the forwarders, then the tap.
+    record: ForwardRecord,
     forwarders: Vec<Forwarder>,
     membership: Membership,
+}
+
+/// `RUNTIME_DIR/vms/NAME/forwards`: one `HOSTADDR:PORT GUESTPORT` line per forwarded port, the
+/// first being ssh, so `nvmm ssh` finds the port. Removed when the VM ends.
+struct ForwardRecord(std::path::PathBuf);
+
+impl ForwardRecord {
+    fn write(
+        runtime_dir: &std::path::Path,
+        vm_name: &str,
+        forwarders: &[Forwarder],
+    ) -> std::io::Result<Self> {
+        let dir = runtime_dir.join("vms").join(vm_name);
+        std::fs::create_dir_all(&dir)?;
+        let text: String = forwarders
+            .iter()
+            .map(|f| format!("{} {}\n", f.local_addr(), f.target().port()))
+            .collect();
+        let path = dir.join("forwards");
+        std::fs::write(&path, text)?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for ForwardRecord {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+        if let Some(dir) = self.0.parent() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
 }
 
 impl VmNetwork {
     /// Stops forwarding and leaves the network, reporting (not failing on) clean-up errors:
     /// the VM has already ended the way the user will be told.
     fn leave(self) {
+        drop(self.record);
         for forwarder in self.forwarders {
             forwarder.stop();
         }
@@ -108,7 +141,10 @@ fn join_network(
             forwarder.target()
         );
     }
+    let record =
+        ForwardRecord::write(&runtime_dir, &vm_name, &forwarders).map_err(CliError::Record)?;
     Ok(VmNetwork {
+        record,
         forwarders,
         membership,
     })
