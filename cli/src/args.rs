@@ -71,6 +71,10 @@ pub struct RunArgs {
     /// `serial=ID` (what the guest reads as its ID). Repeatable; the guest sees vda, vdb, ...
     #[arg(long, value_name = "PATH[,ro][,serial=ID]", value_parser = parse_disk)]
     pub disk: Vec<DiskConfig>,
+    /// Where your typing goes: the serial port (ttyS0), or a virtio console (hvc0) that nvmm
+    /// adds and whose size follows this terminal. Kernel messages stay on ttyS0 either way.
+    #[arg(long, value_name = "KIND", default_value = "serial")]
+    pub console: ConsoleKind,
     /// A virtio-net interface on an existing tap device you manage yourself, with an optional
     /// MAC address (default: derived from the tap name). Repeatable.
     #[arg(long, value_name = "TAP[,mac=MAC]", value_parser = parse_tap)]
@@ -95,6 +99,15 @@ pub struct RunArgs {
     /// How the guest learns about virtio devices: the kernel command line, ACPI, or both.
     #[arg(long, value_name = "HOW", default_value = "both")]
     pub virtio_discovery: Discovery,
+}
+
+/// `--console` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ConsoleKind {
+    /// The 8250 UART (ttyS0).
+    Serial,
+    /// A virtio console (hvc0).
+    Virtio,
 }
 
 /// `--virtio-discovery` values.
@@ -249,6 +262,7 @@ impl RunArgs {
             console: ConsoleConfig {
                 stdin: true,
                 escape: true,
+                virtio: self.console == ConsoleKind::Virtio,
             },
             disks: self.disk.clone(),
             nets: self.tap.clone(),

@@ -29,6 +29,7 @@ pub fn run(args: &RunArgs) -> Result<Outcome, CliError> {
 fn boot_and_serve(config: &nvmm_vmm::VmConfig) -> Result<nvmm_vmm::VmExit, CliError> {
     let vm = nvmm_vmm::build_and_boot(config)?;
     terminal::stop_on_signals(vm.stop_handle()).map_err(CliError::Signals)?;
+    terminal::follow_window_size(vm.resize_handle()).map_err(CliError::Signals)?;
     let _raw = RawTerminal::enter().map_err(CliError::Terminal)?;
     // Lets tests prove the panic path restores the terminal; never set in normal use.
     if std::env::var_os("NVMM_TEST_PANIC_AFTER_BOOT").is_some() {

@@ -8,6 +8,7 @@ use std::io;
 use std::sync::OnceLock;
 
 use nvmm_vmm::StopHandle;
+use nvmm_vmm::console::ResizeHandle;
 use vmm_sys_util::signal::register_signal_handler;
 
 /// The terminal settings found at start-up, for every restore path (including the panic hook
@@ -15,6 +16,8 @@ use vmm_sys_util::signal::register_signal_handler;
 static SAVED_TERMIOS: OnceLock<libc::termios> = OnceLock::new();
 /// Where the signal handlers send their stop request once a VM runs.
 static STOP: OnceLock<StopHandle> = OnceLock::new();
+/// Where SIGWINCH goes once a VM runs.
+static RESIZE: OnceLock<ResizeHandle> = OnceLock::new();
 
 /// Puts stdin's terminal in raw mode for as long as it lives.
 #[derive(Debug)]
@@ -97,4 +100,18 @@ pub fn stop_on_signals(stop: StopHandle) -> io::Result<()> {
             .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
     }
     Ok(())
+}
+
+extern "C" fn on_window_change(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    if let Some(resize) = RESIZE.get() {
+        resize.notify();
+    }
+}
+
+/// SIGWINCH tells the VM to follow the terminal's new size.
+pub fn follow_window_size(resize: ResizeHandle) -> io::Result<()> {
+    let _ = RESIZE.set(resize);
+    // The handler does an atomic load and one write(2): async-signal-safe.
+    register_signal_handler(libc::SIGWINCH, on_window_change)
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))
 }

@@ -11,6 +11,15 @@ pub mod virtio;
 
 use vmm_sys_util::eventfd::EventFd;
 
+/// Where host console input goes (the UART or the virtio console): it takes only as much as it
+/// has room for, so the reader can stop reading the terminal instead of dropping keystrokes.
+pub trait InputSink: Send {
+    /// Bytes it can take now.
+    fn room(&self) -> usize;
+    /// Takes up to [`Self::room`] bytes of `input`; returns how many.
+    fn push(&mut self, input: &[u8]) -> usize;
+}
+
 /// An eventfd used as an edge: writing 1 raises an interrupt (when registered as an irqfd) or
 /// wakes the event loop (exit requests).
 #[derive(Debug)]

@@ -107,6 +107,9 @@ pub struct ConsoleConfig {
     pub stdin: bool,
     /// Interpret `Ctrl-A x` (quit) and `Ctrl-A Ctrl-A` (send one Ctrl-A) in the input.
     pub escape: bool,
+    /// Attach a virtio console (hvc0) whose size follows the host terminal, and send input
+    /// there instead of to the UART. Kernel messages stay on the UART (`console=ttyS0`).
+    pub virtio: bool,
 }
 
 impl Default for ConsoleConfig {
@@ -114,6 +117,7 @@ impl Default for ConsoleConfig {
         Self {
             stdin: true,
             escape: true,
+            virtio: false,
         }
     }
 }

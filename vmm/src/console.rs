@@ -1,16 +1,16 @@
-//! The host side of the guest console: host stdin → escape keys → the UART's receive FIFO, and
-//! the UART's output → host stdout.
+//! The host side of the guest console: host stdin → escape keys → the input device (the UART's
+//! receive FIFO or the virtio console), and guest output → host stdout.
 //!
-//! Input is read only when the FIFO has room (and only as much as fits), so nothing typed is
-//! lost while the guest is slow; while the FIFO is full, stdin is taken out of the event loop
-//! until the guest drains it. EOF on stdin stops input, never the guest.
+//! Input is read only when the device has room (and only as much as fits), so nothing typed is
+//! lost while the guest is slow; while it is full, stdin is taken out of the event loop until
+//! the device signals room again. EOF on stdin stops input, never the guest.
 
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use nvmm_devices::legacy::SerialPort;
+use nvmm_devices::InputSink;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::StopHandle;
@@ -81,13 +81,16 @@ impl Write for RawStdout {
 }
 
 const STDIN_READY: u32 = 0;
-const FIFO_ROOM: u32 = 1;
+const SINK_ROOM: u32 = 1;
 
-/// Event-loop subscriber feeding an input fd (normally stdin) into the UART.
+/// The device console input goes to, and the eventfd it signals when it has room again.
+pub type SharedSink = Arc<Mutex<dyn InputSink>>;
+
+/// Event-loop subscriber feeding an input fd (normally stdin) into the guest's console.
 pub struct ConsoleInput {
     input: RawFd,
-    serial: Arc<Mutex<SerialPort>>,
-    fifo_room: EventFd,
+    sink: SharedSink,
+    sink_room: EventFd,
     escape: Option<EscapeParser>,
     stop: StopHandle,
     /// Bytes read and parsed but not yet accepted by the FIFO.
@@ -107,19 +110,19 @@ impl std::fmt::Debug for ConsoleInput {
 }
 
 impl ConsoleInput {
-    /// Feeds `input` into `serial`; `fifo_room` is the serial port's "receive FIFO drained"
-    /// event. With `escape`, `Ctrl-A x` stops the VM through `stop`.
+    /// Feeds `input` into `sink`; `sink_room` is the sink's "room again" event. With `escape`,
+    /// `Ctrl-A x` stops the VM through `stop`.
     pub fn new(
         input: &impl AsRawFd,
-        serial: Arc<Mutex<SerialPort>>,
-        fifo_room: EventFd,
+        sink: SharedSink,
+        sink_room: EventFd,
         escape: bool,
         stop: StopHandle,
     ) -> Self {
         Self {
             input: input.as_raw_fd(),
-            serial,
-            fifo_room,
+            sink,
+            sink_room,
             escape: escape.then(EscapeParser::default),
             stop,
             pending: Vec::new(),
@@ -128,8 +131,8 @@ impl ConsoleInput {
         }
     }
 
-    fn serial(&self) -> std::sync::MutexGuard<'_, SerialPort> {
-        self.serial
+    fn sink(&self) -> std::sync::MutexGuard<'_, dyn InputSink + 'static> {
+        self.sink
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -137,14 +140,14 @@ impl ConsoleInput {
     /// Moves pending bytes into the FIFO; returns true when all of them fit.
     fn flush_pending(&mut self) -> bool {
         if !self.pending.is_empty() {
-            let queued = self.serial().enqueue_input(&self.pending);
+            let queued = self.sink().push(&self.pending);
             self.pending.drain(..queued);
         }
         self.pending.is_empty()
     }
 
     fn read_input(&mut self) {
-        let room = self.serial().fifo_room();
+        let room = self.sink().room();
         if room == 0 {
             return;
         }
@@ -188,7 +191,7 @@ impl ConsoleInput {
 
     /// Polls the input only while the FIFO can take more and no parsed bytes are waiting.
     fn update_interest(&mut self, ops: &mut EventOps) {
-        let want = !self.input_closed && self.pending.is_empty() && self.serial().fifo_room() > 0;
+        let want = !self.input_closed && self.pending.is_empty() && self.sink().room() > 0;
         if want == self.polling_input {
             return;
         }
@@ -224,9 +227,9 @@ impl MutEventSubscriber for ConsoleInput {
                     self.read_input();
                 }
             }
-            FIFO_ROOM => {
+            SINK_ROOM => {
                 // Reading clears the eventfd; the value itself does not matter.
-                let _ = self.fifo_room.read();
+                let _ = self.sink_room.read();
                 self.flush_pending();
             }
             other => log::warn!("console: unexpected event data {other}"),
@@ -235,11 +238,85 @@ impl MutEventSubscriber for ConsoleInput {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(err) = ops.add(Events::with_data(&self.fifo_room, FIFO_ROOM, EventSet::IN)) {
-            log::warn!("cannot watch the serial FIFO ({err:?}); console input disabled");
+        if let Err(err) = ops.add(Events::with_data(&self.sink_room, SINK_ROOM, EventSet::IN)) {
+            log::warn!("cannot watch the console input device ({err:?}); console input disabled");
             return;
         }
         self.update_interest(ops);
+    }
+}
+
+/// Tells the VMM that the host terminal changed size (from a SIGWINCH handler).
+#[derive(Clone, Debug)]
+pub struct ResizeHandle {
+    event: Arc<EventFd>,
+}
+
+impl ResizeHandle {
+    pub(crate) fn new() -> io::Result<Self> {
+        Ok(Self {
+            event: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?),
+        })
+    }
+
+    /// Async-signal-safe: one write(2).
+    pub fn notify(&self) {
+        // Only fails if the counter would overflow, and then it is already signalled.
+        let _ = self.event.write(1);
+    }
+}
+
+/// The size of the terminal on stdin (or stdout): (columns, rows).
+pub fn terminal_size() -> Option<(u16, u16)> {
+    [libc::STDIN_FILENO, libc::STDOUT_FILENO]
+        .into_iter()
+        .find_map(|fd| {
+            // SAFETY: winsize is plain data; all-zero is valid for TIOCGWINSZ to overwrite.
+            let mut size: libc::winsize = unsafe { std::mem::zeroed() };
+            // SAFETY: TIOCGWINSZ writes one winsize through the pointer, which is valid.
+            let rc = unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut size) };
+            (rc == 0 && size.ws_col > 0).then_some((size.ws_col, size.ws_row))
+        })
+}
+
+/// Follows the host terminal's size into the virtio console.
+pub struct ConsoleResize {
+    handle: ResizeHandle,
+    console: Arc<Mutex<nvmm_devices::virtio::console::Console>>,
+}
+
+impl std::fmt::Debug for ConsoleResize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsoleResize").finish_non_exhaustive()
+    }
+}
+
+impl ConsoleResize {
+    /// Resizes `console` whenever `handle` is notified.
+    pub fn new(
+        handle: ResizeHandle,
+        console: Arc<Mutex<nvmm_devices::virtio::console::Console>>,
+    ) -> Self {
+        Self { handle, console }
+    }
+}
+
+impl MutEventSubscriber for ConsoleResize {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.handle.event.read();
+        if let Some((cols, rows)) = terminal_size() {
+            log::debug!("terminal resized to {cols}x{rows}");
+            self.console
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .set_size(cols, rows);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(err) = ops.add(Events::new(&*self.handle.event, EventSet::IN)) {
+            log::warn!("cannot follow the terminal size: {err:?}");
+        }
     }
 }
 

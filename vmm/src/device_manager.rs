@@ -10,6 +10,7 @@ use nvmm_devices::EventFdTrigger;
 use nvmm_devices::bus::{Bus, BusError};
 use nvmm_devices::legacy::{AcpiPowerRegisters, DebugPort, I8042, SerialPort, SerialWriter};
 use nvmm_devices::virtio::block::{Block, BlockError, DiskConfig};
+use nvmm_devices::virtio::console::Console;
 use nvmm_devices::virtio::mmio::{MMIO_WINDOW_SIZE, MmioError, MmioTransport};
 use nvmm_devices::virtio::net::Net;
 use nvmm_devices::virtio::net::tap::Tap;
@@ -133,6 +134,8 @@ pub struct DeviceEvents {
     pub reset: EventFd,
     /// Devices that process their own events (virtio queues).
     pub subscribers: Vec<Subscriber>,
+    /// The virtio console and its "input room" event, if attached.
+    pub virtio_console: Option<(Arc<Mutex<Console>>, EventFd)>,
 }
 
 impl std::fmt::Debug for DeviceEvents {
@@ -207,6 +210,7 @@ pub fn attach_legacy_devices(
             poweroff,
             reset,
             subscribers: Vec::new(),
+            virtio_console: None,
         },
         virtio: Vec::new(),
     })
@@ -242,6 +246,22 @@ pub fn attach_nets(
         let device = Net::new(tap, net.mac).map_err(DeviceError::EventFd)?;
         attach_virtio(vm, devices, mem, Arc::new(Mutex::new(device)))?;
     }
+    Ok(())
+}
+
+/// Attaches a virtio console of `cols` x `rows` writing to `output`.
+pub fn attach_console(
+    vm: &VmFd,
+    devices: &mut Devices,
+    mem: &GuestMemoryMmap,
+    output: SerialWriter,
+    (cols, rows): (u16, u16),
+) -> Result<(), DeviceError> {
+    let room = eventfd()?;
+    let console = Console::new(output, clone(&room)?, cols, rows).map_err(DeviceError::EventFd)?;
+    let console = Arc::new(Mutex::new(console));
+    attach_virtio(vm, devices, mem, console.clone())?;
+    devices.events.virtio_console = Some((console, room));
     Ok(())
 }
 

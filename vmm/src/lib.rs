@@ -39,10 +39,13 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
 use crate::boot::BootError;
-use crate::console::{ConsoleInput, RawStdout};
+use crate::console::{ConsoleInput, ConsoleResize, RawStdout, ResizeHandle};
 use crate::device_manager::{DeviceError, DeviceEvents};
 use crate::kvm::KvmError;
 use crate::vcpu::{GuestFault, Peripherals, Vcpu, VcpuError, VcpuOutcome};
+
+/// Console size when stdin and stdout are not terminals.
+pub const DEFAULT_CONSOLE_SIZE: (u16, u16) = (80, 24);
 
 /// Smallest guest nvmm boots: the boot structures live below 1 MiB and a kernel above it.
 pub const MIN_MEM_MIB: u64 = 8;
@@ -158,6 +161,10 @@ pub fn build_and_boot(config: &VmConfig) -> Result<Vm, Error> {
         device_manager::attach_legacy_devices(&vm, Box::new(RawStdout), process_start)?;
     device_manager::attach_disks(&vm, &mut devices, &mem, &config.disks)?;
     device_manager::attach_nets(&vm, &mut devices, &mem, &config.nets)?;
+    if config.console.virtio {
+        let size = console::terminal_size().unwrap_or(DEFAULT_CONSOLE_SIZE);
+        device_manager::attach_console(&vm, &mut devices, &mem, Box::new(RawStdout), size)?;
+    }
     let discovery = config.virtio_discovery;
     let cmdline_devices = if discovery.cmdline() {
         &devices.virtio[..]
@@ -363,6 +370,7 @@ pub struct Vm {
     event_manager: EventManager<Subscriber>,
     monitor: Arc<Mutex<ExitMonitor>>,
     stop_handle: StopHandle,
+    resize_handle: ResizeHandle,
     stop_vcpus: Arc<AtomicBool>,
     vcpu_threads: Vec<JoinHandle<()>>,
     // Kept alive for as long as vCPUs may run; dropped after they are joined.
@@ -402,6 +410,7 @@ impl Vm {
             poweroff,
             reset,
             subscribers,
+            virtio_console,
         } = events;
         let eventfd_err = |e| Error::Devices(DeviceError::EventFd(e));
         let stop_handle = StopHandle::new().map_err(eventfd_err)?;
@@ -420,11 +429,22 @@ impl Vm {
         for subscriber in subscribers {
             event_manager.add_subscriber(subscriber);
         }
+        let resize = ResizeHandle::new().map_err(eventfd_err)?;
+        let (sink, sink_room): (console::SharedSink, EventFd) = match virtio_console {
+            Some((device, room)) => {
+                event_manager.add_subscriber(Arc::new(Mutex::new(ConsoleResize::new(
+                    resize.clone(),
+                    device.clone(),
+                ))));
+                (device, room)
+            }
+            None => (serial, serial_fifo_room),
+        };
         if console.stdin {
             let input = ConsoleInput::new(
                 &std::io::stdin().as_raw_fd(),
-                serial,
-                serial_fifo_room,
+                sink,
+                sink_room,
                 console.escape,
                 stop_handle.clone(),
             );
@@ -441,6 +461,7 @@ impl Vm {
             event_manager,
             monitor,
             stop_handle,
+            resize_handle: resize,
             stop_vcpus,
             vcpu_threads: Vec::new(),
             _mem: mem,
@@ -463,6 +484,11 @@ impl Vm {
     /// A handle that stops this VM (for signal handlers).
     pub fn stop_handle(&self) -> StopHandle {
         self.stop_handle.clone()
+    }
+
+    /// A handle that tells the VM the host terminal changed size (for a SIGWINCH handler).
+    pub fn resize_handle(&self) -> ResizeHandle {
+        self.resize_handle.clone()
     }
 
     /// Serves devices and console until the VM ends, then stops the vCPUs.

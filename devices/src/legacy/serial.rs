@@ -82,6 +82,16 @@ impl SerialPort {
     }
 }
 
+impl crate::InputSink for SerialPort {
+    fn room(&self) -> usize {
+        self.fifo_room()
+    }
+
+    fn push(&mut self, input: &[u8]) -> usize {
+        self.enqueue_input(input)
+    }
+}
+
 impl BusDevice for SerialPort {
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
         // The UART has byte-wide registers; wider accesses read the register in the low byte.

@@ -7,6 +7,7 @@
 //! only through its [`IrqTrigger`].
 
 pub mod block;
+pub mod console;
 pub mod mmio;
 pub mod net;
 

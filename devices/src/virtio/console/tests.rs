@@ -1,0 +1,201 @@
+//! virtio-console tests with mock queues.
+
+use std::sync::Mutex;
+
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::GuestAddress;
+
+use super::*;
+
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+
+#[derive(Clone, Default)]
+struct Screen(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Screen {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+struct Ring {
+    desc: u64,
+    avail: u64,
+    used: u64,
+    next: u16,
+}
+
+impl Ring {
+    fn add(&mut self, mem: &GuestMemoryMmap, addr: u64, len: u32, writable: bool) {
+        let index = self.next % QUEUE_SIZE;
+        let flags = if writable { F_WRITE } else { 0 } & !F_NEXT;
+        let desc = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0));
+        mem.write_obj(desc, GuestAddress(self.desc + u64::from(index) * 16))
+            .unwrap();
+        let idx: u16 = mem.read_obj(GuestAddress(self.avail + 2)).unwrap();
+        mem.write_obj(
+            index,
+            GuestAddress(self.avail + 4 + 2 * u64::from(idx % QUEUE_SIZE)),
+        )
+        .unwrap();
+        mem.write_obj(idx.wrapping_add(1), GuestAddress(self.avail + 2))
+            .unwrap();
+        self.next += 1;
+    }
+
+    fn used(&self, mem: &GuestMemoryMmap) -> Vec<(u32, u32)> {
+        let idx: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap();
+        (0..u64::from(idx))
+            .map(|i| {
+                let base = self.used + 4 + 8 * i;
+                (
+                    mem.read_obj(GuestAddress(base)).unwrap(),
+                    mem.read_obj(GuestAddress(base + 4)).unwrap(),
+                )
+            })
+            .collect()
+    }
+}
+
+struct Harness {
+    mem: GuestMemoryMmap,
+    console: Console,
+    screen: Screen,
+    irq: EventFd,
+    room: EventFd,
+    rx: Ring,
+    tx: Ring,
+}
+
+fn harness() -> Harness {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+    let screen = Screen::default();
+    let room = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let mut console =
+        Console::new(Box::new(screen.clone()), room.try_clone().unwrap(), 80, 24).unwrap();
+    let make = |base| {
+        let mock = MockSplitQueue::create(&mem, GuestAddress(base), QUEUE_SIZE);
+        let queue: Queue = mock.create_queue().unwrap();
+        (
+            queue,
+            Ring {
+                desc: mock.desc_table_addr().0,
+                avail: mock.avail_addr().0,
+                used: mock.used_addr().0,
+                next: 0,
+            },
+        )
+    };
+    let (rxq, rx) = make(0);
+    let (txq, tx) = make(0x1_0000);
+    let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    console
+        .activate(
+            mem.clone(),
+            Arc::new(IrqTrigger::new(irq.try_clone().unwrap())),
+            0,
+            vec![rxq, txq],
+        )
+        .unwrap();
+    Harness {
+        mem,
+        console,
+        screen,
+        irq,
+        room,
+        rx,
+        tx,
+    }
+}
+
+#[test]
+fn guest_output_reaches_the_screen() {
+    let mut h = harness();
+    h.mem
+        .write_slice(b"login: ", GuestAddress(0x10_0000))
+        .unwrap();
+    h.tx.add(&h.mem, 0x10_0000, 7, false);
+    h.console.process_tx();
+    assert_eq!(*h.screen.0.lock().unwrap(), b"login: ");
+    assert_eq!(h.tx.used(&h.mem), vec![(0, 0)]);
+    assert_eq!(h.irq.read().unwrap(), 1);
+}
+
+#[test]
+fn input_waits_for_guest_buffers_and_is_not_lost() {
+    let mut h = harness();
+    let typed: Vec<u8> = (0..1000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    assert_eq!(
+        h.console.push(&typed),
+        1000,
+        "staged while the guest has no buffers"
+    );
+    assert_eq!(h.console.room(), INPUT_STAGING - 1000);
+    assert!(h.room.read().is_err(), "nothing drained yet");
+    let mut received = Vec::new();
+    for i in 0..4u64 {
+        h.rx.add(&h.mem, 0x20_0000 + i * 0x1000, 256, true);
+    }
+    h.console.process_rx();
+    assert_eq!(
+        h.room.read().unwrap(),
+        1,
+        "the reader is told there is room"
+    );
+    for (i, (_, len)) in h.rx.used(&h.mem).into_iter().enumerate() {
+        let mut chunk = vec![0u8; len as usize];
+        h.mem
+            .read_slice(&mut chunk, GuestAddress(0x20_0000 + i as u64 * 0x1000))
+            .unwrap();
+        received.extend(chunk);
+    }
+    assert_eq!(received, typed[..1000].to_vec());
+    assert_eq!(h.console.room(), INPUT_STAGING);
+}
+
+#[test]
+fn staging_is_bounded() {
+    let mut h = harness();
+    assert_eq!(
+        h.console.push(&vec![b'x'; INPUT_STAGING + 100]),
+        INPUT_STAGING
+    );
+    assert_eq!(h.console.room(), 0);
+    assert_eq!(h.console.push(b"more"), 0);
+}
+
+#[test]
+fn resizing_updates_config_and_interrupts() {
+    let mut h = harness();
+    let mut size = [0u8; 4];
+    h.console.read_config(0, &mut size);
+    assert_eq!(size, [80, 0, 24, 0]);
+    h.console.set_size(120, 40);
+    h.console.read_config(0, &mut size);
+    assert_eq!(u16::from_le_bytes([size[0], size[1]]), 120);
+    assert_eq!(u16::from_le_bytes([size[2], size[3]]), 40);
+    assert_eq!(h.irq.read().unwrap(), 1);
+    h.console.set_size(120, 40);
+    assert!(h.irq.read().is_err(), "no interrupt without a change");
+    assert_ne!(
+        h.console.device_features() & 1,
+        0,
+        "VIRTIO_CONSOLE_F_SIZE offered"
+    );
+}
+
+#[test]
+fn writable_transmit_buffers_are_dropped() {
+    let mut h = harness();
+    h.tx.add(&h.mem, 0x10_0000, 16, true);
+    h.console.process_tx();
+    assert!(h.screen.0.lock().unwrap().is_empty());
+    assert_eq!(h.tx.used(&h.mem).len(), 1, "returned anyway");
+}
