@@ -5,108 +5,23 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+mod pty;
 
 use std::fs::File;
-use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::process::{Child, Stdio};
+use std::io::Write;
+use std::process::Child;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use common::*;
+use pty::*;
 
-struct Pty {
-    master: File,
-    slave: OwnedFd,
-}
-
-fn open_pty() -> Pty {
-    let (mut master, mut slave) = (0, 0);
-    // SAFETY: openpty writes two fds into the provided ints; name, termios and winsize may be
-    // null.
-    let rc = unsafe {
-        libc::openpty(
-            &mut master,
-            &mut slave,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            std::ptr::null(),
-        )
-    };
-    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
-    // SAFETY: openpty returned two fresh fds that nothing else owns.
-    unsafe {
-        Pty {
-            master: File::from_raw_fd(master),
-            slave: OwnedFd::from_raw_fd(slave),
-        }
-    }
-}
-
-/// The parts of termios raw mode changes, comparable.
-fn settings(fd: &OwnedFd) -> (u32, u32, u32, u32, Vec<u8>) {
-    // SAFETY: termios is plain data and tcgetattr fills it.
-    let mut t: libc::termios = unsafe { std::mem::zeroed() };
-    // SAFETY: `t` is valid and writable; `fd` is an open terminal.
-    assert_eq!(unsafe { libc::tcgetattr(fd.as_raw_fd(), &mut t) }, 0);
-    (t.c_iflag, t.c_oflag, t.c_cflag, t.c_lflag, t.c_cc.to_vec())
-}
-
-fn is_raw(fd: &OwnedFd) -> bool {
-    settings(fd).3 & (libc::ICANON | libc::ECHO) == 0
-}
-
-/// Starts nvmm on the pty and collects what it writes to the master side.
+/// Starts nvmm on the pty with the guest `scenario` and collects what it writes.
 fn start(pty: &Pty, scenario: &str, env: &[(&str, &str)]) -> (Child, Arc<Mutex<String>>) {
-    let stdio = || Stdio::from(pty.slave.try_clone().unwrap());
     let mut cmd = guest_command(&format!("nvmm_test={scenario}"), &[]);
-    cmd.stdin(stdio()).stdout(stdio()).stderr(stdio());
     for (key, value) in env {
         cmd.env(key, value);
     }
-    let child = cmd.spawn().unwrap();
-    let screen = Arc::new(Mutex::new(String::new()));
-    let mut master = pty.master.try_clone().unwrap();
-    let sink = screen.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 1024];
-        // Ends with EIO once every slave fd is closed.
-        while let Ok(n) = master.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            sink.lock()
-                .unwrap()
-                .push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    });
-    (child, screen)
-}
-
-fn wait_for(screen: &Arc<Mutex<String>>, needle: &str) {
-    let deadline = Instant::now() + HANG_GUARD;
-    while !screen.lock().unwrap().contains(needle) {
-        assert!(
-            Instant::now() < deadline,
-            "{needle:?} never appeared: {:?}",
-            screen.lock().unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn wait_exit(mut child: Child) -> Option<i32> {
-    let deadline = Instant::now() + HANG_GUARD;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status.code();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("nvmm did not exit");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    spawn_on(pty, cmd)
 }
 
 /// Runs `scenario`, waits for `ready` on the screen, checks raw mode, ends it with `end`, and

@@ -43,6 +43,27 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Check this host (KVM, networking, nix) and boot nvmm's built-in test guest.
     Doctor(DoctorArgs),
+    /// Attach this terminal to a background VM's console (Ctrl-A d detaches, Ctrl-A x stops it).
+    Console(VmNameArgs),
+    /// Print a background VM's console log.
+    Logs(LogsArgs),
+}
+
+/// A VM by name.
+#[derive(Debug, Args)]
+pub struct VmNameArgs {
+    /// The VM's name (`--name` of `nvmm run -d`).
+    pub name: String,
+}
+
+/// `nvmm logs`.
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// The VM's name.
+    pub name: String,
+    /// Keep printing new output until the VM ends.
+    #[arg(short, long)]
+    pub follow: bool,
 }
 
 /// `nvmm run`.
@@ -71,6 +92,10 @@ pub struct RunArgs {
     /// `serial=ID` (what the guest reads as its ID). Repeatable; the guest sees vda, vdb, ...
     #[arg(long, value_name = "PATH[,ro][,serial=ID]", value_parser = parse_disk)]
     pub disk: Vec<DiskConfig>,
+    /// Run in the background: the console is kept on a socket (`nvmm console NAME` attaches)
+    /// and in a log (`nvmm logs NAME`).
+    #[arg(short, long)]
+    pub detach: bool,
     /// Where your typing goes: the serial port (ttyS0), or a virtio console (hvc0) that nvmm
     /// adds and whose size follows this terminal. Kernel messages stay on ttyS0 either way.
     #[arg(long, value_name = "KIND", default_value = "serial")]
@@ -263,6 +288,7 @@ impl RunArgs {
                 stdin: true,
                 escape: true,
                 virtio: self.console == ConsoleKind::Virtio,
+                backend: nvmm_vmm::ConsoleBackend::Terminal,
             },
             disks: self.disk.clone(),
             nets: self.tap.clone(),

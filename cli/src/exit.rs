@@ -40,6 +40,9 @@ pub enum CliError {
     /// The VM's forwarded ports could not be recorded.
     #[error("cannot record the VM's forwarded ports")]
     Record(#[source] std::io::Error),
+    /// Background VMs.
+    #[error(transparent)]
+    Background(#[from] crate::background::BackgroundError),
     /// Writing the report failed.
     #[error("cannot write to stdout")]
     Stdout(#[source] std::io::Error),
@@ -129,6 +132,16 @@ fn hint(err: &CliError) -> Option<String> {
             return Some(
                 "choose a free private range with --subnet, e.g. --subnet 10.214.0.0/24".into(),
             );
+        }
+        CliError::Background(crate::background::BackgroundError::AlreadyRunning {
+            name, ..
+        }) => {
+            return Some(format!(
+                "attach to it with `nvmm console {name}`, or pick another --name"
+            ));
+        }
+        CliError::Background(crate::background::BackgroundError::NotRunning(_)) => {
+            return Some("start one with `nvmm run -d --name NAME ...`".into());
         }
         CliError::Forward(ForwardError::PortInUse { .. }) => {
             return Some("pick another host port in --forward, or 0 for a free one".into());

@@ -1,6 +1,7 @@
 //! `nvmm`: run NixOS configurations (and any Linux kernel) as local microVMs on KVM.
 
 mod args;
+mod background;
 mod disks;
 mod doctor;
 mod exit;
@@ -21,6 +22,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         args::Command::Run(run) => run::run(&run),
         args::Command::Doctor(doctor) => doctor::doctor(&doctor),
+        args::Command::Console(vm) => run::console(&vm.name),
+        args::Command::Logs(logs) => run::logs(&logs),
     };
     exit::report(result)
 }

@@ -2,7 +2,8 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use crate::args::RunArgs;
+use crate::args::{LogsArgs, RunArgs};
+use crate::background::{self, Daemon, ReadyPipe, VmDir};
 use crate::exit::{CliError, Outcome};
 use crate::net::forward::{ForwardSpec, Forwarder};
 use crate::net::host::{self, Membership, Network, NetworkConfig};
@@ -14,21 +15,51 @@ const GUEST_SSH_PORT: u16 = 22;
 /// Boots the kernel and serves it until it ends.
 pub fn run(args: &RunArgs) -> Result<Outcome, CliError> {
     let mut config = args.vm_config();
+    let mut background = None;
+    if args.detach {
+        let name = args.vm_name();
+        let (runtime_dir, _) = host::state_dirs();
+        let vm_dir = VmDir::new(&runtime_dir, &name);
+        // Before anything starts a thread: the daemon is forked here.
+        match background::daemonize(&vm_dir, &name)? {
+            Daemon::Parent(started) => {
+                if started {
+                    eprintln!(
+                        "nvmm: {name} runs in the background; `nvmm console {name}` attaches, \
+                         `nvmm logs {name}` shows its console"
+                    );
+                }
+                return Ok(Outcome::Done(started));
+            }
+            Daemon::Child(ready) => {
+                config.console.backend = vm_dir.console_backend();
+                config.console.stdin = false;
+                background = Some((ready, vm_dir.pid_file()));
+            }
+        }
+    }
     // On an error below, dropping it still stops forwarding and removes the tap.
     let network = match &args.net {
         Some(network) => Some(join_network(args, network, &mut config)?),
         None => None,
     };
-    let exit = boot_and_serve(&config)?;
+    let exit = boot_and_serve(&config, background.as_mut().map(|(ready, _)| ready))?;
     if let Some(network) = network {
         network.leave();
     }
     Ok(Outcome::Vm(exit))
 }
 
-fn boot_and_serve(config: &nvmm_vmm::VmConfig) -> Result<nvmm_vmm::VmExit, CliError> {
+fn boot_and_serve(
+    config: &nvmm_vmm::VmConfig,
+    background: Option<&mut ReadyPipe>,
+) -> Result<nvmm_vmm::VmExit, CliError> {
     let vm = nvmm_vmm::build_and_boot(config)?;
     terminal::stop_on_signals(vm.stop_handle()).map_err(CliError::Signals)?;
+    if let Some(ready) = background {
+        ready.ready();
+        return Ok(vm.run_until_exit()?);
+    }
     terminal::follow_window_size(vm.resize_handle()).map_err(CliError::Signals)?;
     let _raw = RawTerminal::enter().map_err(CliError::Terminal)?;
     // Lets tests prove the panic path restores the terminal; never set in normal use.
@@ -167,4 +198,22 @@ fn guest_network_cmdline(membership: &Membership) -> String {
         membership.vm_name,
         hosts.join(",")
     )
+}
+
+/// `nvmm console NAME`.
+pub fn console(name: &str) -> Result<Outcome, CliError> {
+    let (runtime_dir, _) = host::state_dirs();
+    background::attach(&VmDir::new(&runtime_dir, name), name)?;
+    Ok(Outcome::Done(true))
+}
+
+/// `nvmm logs NAME [-f]`.
+pub fn logs(args: &LogsArgs) -> Result<Outcome, CliError> {
+    let (runtime_dir, _) = host::state_dirs();
+    background::logs(
+        &VmDir::new(&runtime_dir, &args.name),
+        &args.name,
+        args.follow,
+    )?;
+    Ok(Outcome::Done(true))
 }

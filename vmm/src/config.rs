@@ -101,7 +101,7 @@ pub struct CpuidPolicy {
 }
 
 /// How the guest's serial console is connected.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConsoleConfig {
     /// Feed the host's stdin into the guest's serial port.
     pub stdin: bool,
@@ -110,6 +110,25 @@ pub struct ConsoleConfig {
     /// Attach a virtio console (hvc0) whose size follows the host terminal, and send input
     /// there instead of to the UART. Kernel messages stay on the UART (`console=ttyS0`).
     pub virtio: bool,
+    /// Where the console is: this process's terminal, or a socket for `nvmm console`.
+    pub backend: ConsoleBackend,
+}
+
+/// Where a VM's console meets its user.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ConsoleBackend {
+    /// stdin and stdout of the nvmm process.
+    #[default]
+    Terminal,
+    /// A background VM: output to a rotated log, attach through a unix socket.
+    Socket {
+        /// Socket `nvmm console` connects to.
+        socket: PathBuf,
+        /// Console log.
+        log: PathBuf,
+        /// Size at which the log is rotated to `<log>.1`.
+        log_limit: u64,
+    },
 }
 
 impl Default for ConsoleConfig {
@@ -118,6 +137,7 @@ impl Default for ConsoleConfig {
             stdin: true,
             escape: true,
             virtio: false,
+            backend: ConsoleBackend::Terminal,
         }
     }
 }

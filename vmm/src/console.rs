@@ -19,22 +19,36 @@ use crate::StopHandle;
 pub const ESCAPE_KEY: u8 = 0x01;
 /// After the escape key: quit nvmm (the guest is stopped).
 pub const QUIT_KEY: u8 = b'x';
+/// After the escape key: detach from a background VM's console (it keeps running).
+pub const DETACH_KEY: u8 = b'd';
 
 /// What an escape sequence asks nvmm to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EscapeCommand {
     /// `Ctrl-A x`.
     Quit,
+    /// `Ctrl-A d` (only on a detachable console).
+    Detach,
 }
 
-/// Turns typed bytes into guest input, catching `Ctrl-A x` (quit) and `Ctrl-A Ctrl-A` (one
-/// literal Ctrl-A). `Ctrl-A` followed by any other key passes both bytes through.
+/// Turns typed bytes into guest input, catching `Ctrl-A x` (quit), `Ctrl-A d` (detach, where
+/// the console allows it) and `Ctrl-A Ctrl-A` (one literal Ctrl-A). `Ctrl-A` followed by any
+/// other key passes both bytes through.
 #[derive(Debug, Default)]
 pub struct EscapeParser {
     after_escape: bool,
+    detachable: bool,
 }
 
 impl EscapeParser {
+    /// A parser that also recognises `Ctrl-A d`.
+    pub fn detachable() -> Self {
+        Self {
+            after_escape: false,
+            detachable: true,
+        }
+    }
+
     /// Appends the guest-bound bytes of `input` to `out`; stops at and returns a command.
     pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Option<EscapeCommand> {
         for &byte in input {
@@ -42,6 +56,7 @@ impl EscapeParser {
                 self.after_escape = false;
                 match byte {
                     QUIT_KEY | b'X' => return Some(EscapeCommand::Quit),
+                    DETACH_KEY | b'D' if self.detachable => return Some(EscapeCommand::Detach),
                     ESCAPE_KEY => out.push(ESCAPE_KEY),
                     other => out.extend_from_slice(&[ESCAPE_KEY, other]),
                 }
@@ -360,6 +375,17 @@ mod tests {
     fn ctrl_a_then_other_key_sends_both() {
         let mut p = EscapeParser::default();
         assert_eq!(parse(&mut p, b"\x01c"), (b"\x01c".to_vec(), None));
+    }
+
+    #[test]
+    fn ctrl_a_d_detaches_only_where_allowed() {
+        let mut p = EscapeParser::detachable();
+        assert_eq!(
+            parse(&mut p, b"ls\x01d"),
+            (b"ls".to_vec(), Some(EscapeCommand::Detach))
+        );
+        let mut p = EscapeParser::default();
+        assert_eq!(parse(&mut p, b"\x01d"), (b"\x01d".to_vec(), None));
     }
 
     #[test]

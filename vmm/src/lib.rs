@@ -10,6 +10,7 @@ pub mod acpi;
 pub mod boot;
 pub mod config;
 pub mod console;
+pub mod console_server;
 pub mod cpuid;
 pub mod device_manager;
 pub mod kvm;
@@ -29,7 +30,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub use config::{
-    ConsoleConfig, CpuidPolicy, DEFAULT_MEM_MIB, DiskConfig, NetConfig, VirtioDiscovery, VmConfig,
+    ConsoleBackend, ConsoleConfig, CpuidPolicy, DEFAULT_MEM_MIB, DiskConfig, NetConfig,
+    VirtioDiscovery, VmConfig,
 };
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
@@ -40,6 +42,7 @@ use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
 use crate::boot::BootError;
 use crate::console::{ConsoleInput, ConsoleResize, RawStdout, ResizeHandle};
+use crate::console_server::{ConsoleHub, ConsoleServer, HubWriter};
 use crate::device_manager::{DeviceError, DeviceEvents};
 use crate::kvm::KvmError;
 use crate::vcpu::{GuestFault, Peripherals, Vcpu, VcpuError, VcpuOutcome};
@@ -74,6 +77,9 @@ pub enum Error {
     /// The guest failed (triple fault, emulation failure, ...).
     #[error(transparent)]
     Guest(#[from] GuestFault),
+    /// The console socket or log could not be set up.
+    #[error(transparent)]
+    Console(#[from] ConsoleError),
     /// The event loop failed.
     #[error("event loop failed: {0:?}")]
     EventLoop(event_manager::Error),
@@ -96,6 +102,80 @@ pub enum ConfigError {
     /// Zero vCPUs.
     #[error("a VM needs at least one vCPU")]
     NoVcpus,
+}
+
+/// Errors setting up a background VM's console.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    /// The console log could not be opened.
+    #[error("cannot open the console log {}", .path.display())]
+    Log {
+        /// Log path.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The console socket could not be created.
+    #[error("cannot listen on the console socket {}", .path.display())]
+    Listen {
+        /// Socket path.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The console socket could not be served.
+    #[error("cannot serve the console socket")]
+    Socket(#[source] std::io::Error),
+}
+
+/// Where console output goes, made before the devices that write to it.
+enum ConsoleOutput {
+    Terminal,
+    Socket {
+        hub: Arc<Mutex<ConsoleHub>>,
+        listener: std::os::unix::net::UnixListener,
+    },
+}
+
+impl ConsoleOutput {
+    fn open(backend: &ConsoleBackend) -> Result<Self, ConsoleError> {
+        match backend {
+            ConsoleBackend::Terminal => Ok(Self::Terminal),
+            ConsoleBackend::Socket {
+                socket,
+                log,
+                log_limit,
+            } => {
+                let hub = ConsoleHub::new(log, *log_limit).map_err(|source| ConsoleError::Log {
+                    path: log.clone(),
+                    source,
+                })?;
+                // A socket file left by a VM that was killed; the caller made sure no VM of
+                // this name runs.
+                let _ = std::fs::remove_file(socket);
+                let listener =
+                    std::os::unix::net::UnixListener::bind(socket).map_err(|source| {
+                        ConsoleError::Listen {
+                            path: socket.clone(),
+                            source,
+                        }
+                    })?;
+                Ok(Self::Socket {
+                    hub: Arc::new(Mutex::new(hub)),
+                    listener,
+                })
+            }
+        }
+    }
+
+    fn writer(&self) -> nvmm_devices::legacy::SerialWriter {
+        match self {
+            Self::Terminal => Box::new(RawStdout),
+            Self::Socket { hub, .. } => Box::new(HubWriter(hub.clone())),
+        }
+    }
 }
 
 /// How a VM ended without an error.
@@ -157,13 +237,14 @@ pub fn build_and_boot(config: &VmConfig) -> Result<Vm, Error> {
     let mem = kvm::create_guest_memory(config.mem_mib)?;
     let vm = kvm::create_vm(&kvm, &mem)?;
     let vcpu_fds = create_vcpus(&vm, config.vcpus)?;
+    let console_output = ConsoleOutput::open(&config.console.backend)?;
     let mut devices =
-        device_manager::attach_legacy_devices(&vm, Box::new(RawStdout), process_start)?;
+        device_manager::attach_legacy_devices(&vm, console_output.writer(), process_start)?;
     device_manager::attach_disks(&vm, &mut devices, &mem, &config.disks)?;
     device_manager::attach_nets(&vm, &mut devices, &mem, &config.nets)?;
     if config.console.virtio {
         let size = console::terminal_size().unwrap_or(DEFAULT_CONSOLE_SIZE);
-        device_manager::attach_console(&vm, &mut devices, &mem, Box::new(RawStdout), size)?;
+        device_manager::attach_console(&vm, &mut devices, &mem, console_output.writer(), size)?;
     }
     let discovery = config.virtio_discovery;
     let cmdline_devices = if discovery.cmdline() {
@@ -199,7 +280,15 @@ pub fn build_and_boot(config: &VmConfig) -> Result<Vm, Error> {
         config.vcpus,
         cmdline.as_cstring().unwrap_or_default()
     );
-    Vm::start(kvm, vm, mem, vcpus, devices.events, config.console)
+    Vm::start(
+        kvm,
+        vm,
+        mem,
+        vcpus,
+        devices.events,
+        &config.console,
+        console_output,
+    )
 }
 
 /// Gives every vCPU its CPUID, MSRs, FPU and LAPIC state, and the boot vCPU the kernel entry.
@@ -402,7 +491,8 @@ impl Vm {
         mem: GuestMemoryMmap,
         vcpus: Vec<Vcpu>,
         events: DeviceEvents,
-        console: ConsoleConfig,
+        console: &ConsoleConfig,
+        output: ConsoleOutput,
     ) -> Result<Vm, Error> {
         let DeviceEvents {
             serial,
@@ -430,6 +520,7 @@ impl Vm {
             event_manager.add_subscriber(subscriber);
         }
         let resize = ResizeHandle::new().map_err(eventfd_err)?;
+        let sink_console = virtio_console.as_ref().map(|(device, _)| device.clone());
         let (sink, sink_room): (console::SharedSink, EventFd) = match virtio_console {
             Some((device, room)) => {
                 event_manager.add_subscriber(Arc::new(Mutex::new(ConsoleResize::new(
@@ -440,7 +531,18 @@ impl Vm {
             }
             None => (serial, serial_fifo_room),
         };
-        if console.stdin {
+        if let ConsoleOutput::Socket { hub, listener } = output {
+            let server = ConsoleServer::new(
+                listener,
+                hub,
+                sink,
+                sink_room,
+                sink_console,
+                stop_handle.clone(),
+            )
+            .map_err(|e| Error::Console(ConsoleError::Socket(e)))?;
+            event_manager.add_subscriber(Arc::new(Mutex::new(server)));
+        } else if console.stdin {
             let input = ConsoleInput::new(
                 &std::io::stdin().as_raw_fd(),
                 sink,
