@@ -17,6 +17,8 @@ mod blk;
 mod blk_scenarios;
 mod bootinfo;
 mod checksum;
+mod console;
+mod console_scenarios;
 mod dma;
 mod entry;
 mod io;

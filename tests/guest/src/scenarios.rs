@@ -6,7 +6,7 @@ use crate::bootinfo::BootInfo;
 use crate::io::{halt_forever, outb, phys_bytes};
 use crate::power::{i8042_reset, power_off, triple_fault, try_acpi_poweroff};
 use crate::serial::{read_byte, write_byte};
-use crate::{blk_scenarios, net_scenarios, smp};
+use crate::{blk_scenarios, console_scenarios, net_scenarios, smp};
 
 /// What a scenario returns: `Err` carries the `reason=` word.
 pub type Outcome = Result<(), &'static str>;
@@ -35,6 +35,10 @@ pub fn run(boot: &BootInfo) -> ! {
         b"net_client" => net_scenarios::net_client(boot),
         b"net_ping" => net_scenarios::net_ping(boot),
         b"net_bench" => net_scenarios::net_bench(boot),
+        b"vcon_echo" => console_scenarios::vcon_echo(boot),
+        b"vcon_size" => console_scenarios::vcon_size(boot),
+        b"vcon_flood" => console_scenarios::vcon_flood(boot),
+        b"vcon_rtt" => console_scenarios::vcon_rtt(boot),
         b"panic" => panic!("on purpose (nvmm_test=panic)"),
         _ => Err("unknown-scenario"),
     };

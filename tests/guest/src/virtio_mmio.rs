@@ -61,9 +61,13 @@ pub const F_VERSION_1: u64 = 1 << 32;
 pub const DEVICE_ID_NET: u32 = 1;
 /// Device id of a block device.
 pub const DEVICE_ID_BLOCK: u32 = 2;
+/// Device id of a console device.
+pub const DEVICE_ID_CONSOLE: u32 = 3;
 
 /// InterruptStatus bit: the device used a buffer.
 pub const INTERRUPT_USED_BUFFER: u32 = 1;
+/// InterruptStatus bit: the device configuration changed.
+pub const INTERRUPT_CONFIG: u32 = 2;
 
 /// Which optional transport features to accept when the device offers them,
 /// and how large a queue to set up: the options every virtio scenario takes.
