@@ -263,3 +263,76 @@ fn boot_errors_of_a_background_vm_reach_the_caller() {
     );
     assert!(!out.stderr.contains("runs in the background"), "{out:?}");
 }
+
+#[test]
+fn the_virtio_console_follows_the_terminal_size() {
+    if !kvm_or_skip("console size") {
+        return;
+    }
+    let pty = open_pty();
+    set_size(&pty, 100, 30);
+    let mut cmd = guest_command("nvmm_test=vcon_size", &["--console", "virtio"]);
+    cmd.env_remove("NVMM_TEST_PANIC_AFTER_BOOT");
+    let (child, screen) = spawn_on(&pty, cmd);
+    wait_for(&screen, "vcon_size cols=100 rows=30");
+    set_size(&pty, 132, 43);
+    send_sigwinch(&child);
+    wait_for(&screen, "vcon_size changed cols=132 rows=43");
+    assert_eq!(wait_exit(child), Some(0), "{}", screen.lock().unwrap());
+}
+
+#[test]
+fn a_background_vm_takes_the_size_of_the_attached_terminal() {
+    if !kvm_or_skip("console size attached") {
+        return;
+    }
+    let rt = Runtime::new("size");
+    let cmdline = "nvmm_test=vcon_size size_changes=2";
+    let started = run(rt.nvmm(&[
+        "run",
+        "-d",
+        "--name",
+        "sized",
+        "--kernel",
+        GUEST,
+        "--mem",
+        MEM,
+        "--console",
+        "virtio",
+        "--cmdline",
+        cmdline,
+    ]));
+    assert_eq!(started.code(), Some(0), "{started:?}");
+    rt.wait_for_log("sized", "vcon_size cols=80 rows=24");
+
+    let pty = open_pty();
+    set_size(&pty, 90, 20);
+    let (client, _screen) = spawn_on(&pty, rt.nvmm(&["console", "sized"]));
+    rt.wait_for_log("sized", "vcon_size changed cols=90 rows=20");
+    set_size(&pty, 100, 50);
+    send_sigwinch(&client);
+    rt.wait_for_log("sized", "vcon_size changed cols=100 rows=50");
+    assert_eq!(wait_exit(client), Some(0), "the client ends with the VM");
+    rt.wait_gone("sized");
+}
+
+#[test]
+fn typing_faster_than_the_guest_reads_loses_nothing_on_the_virtio_console() {
+    if !kvm_or_skip("virtio console back pressure") {
+        return;
+    }
+    let mut input: Vec<u8> = (0..8192u32).map(|i| b'a' + (i % 26) as u8).collect();
+    input.push(0x04);
+    let out = run_with_input(
+        guest_command("nvmm_test=vcon_echo", &["--console", "virtio"]),
+        &input,
+    );
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    assert!(
+        out.stdout.contains("vcon_echo done bytes=8192"),
+        "{}",
+        out.stdout
+    );
+    let typed = String::from_utf8_lossy(&input[..8192]).into_owned();
+    assert!(out.stdout.contains(&typed), "echo differs");
+}

@@ -101,3 +101,22 @@ pub fn wait_exit(mut child: Child) -> Option<i32> {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// Sets the terminal size of `pty` (what TIOCGWINSZ on the slave reports).
+pub fn set_size(pty: &Pty, cols: u16, rows: u16) {
+    let size = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize through the pointer, which is valid.
+    let rc = unsafe { libc::ioctl(pty.master.as_raw_fd(), libc::TIOCSWINSZ, &size) };
+    assert_eq!(rc, 0, "TIOCSWINSZ: {}", std::io::Error::last_os_error());
+}
+
+/// What the kernel does for a terminal's foreground process group when its size changes.
+pub fn send_sigwinch(child: &Child) {
+    // SAFETY: kill has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGWINCH) }, 0);
+}
