@@ -202,12 +202,24 @@ fn ctrl_a_x_from_an_attached_console_stops_the_vm() {
     let rt = Runtime::new("quit");
     assert_eq!(rt.start("doomed", "halt").code(), Some(0));
     rt.wait_for_log("doomed", "halting");
+    // `logs -f` follows the console until the VM ends.
+    let mut follow = rt.nvmm(&["logs", "-f", "doomed"]);
+    follow
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let follower = follow.spawn().unwrap();
     let mut pty = open_pty();
     let (client, _screen) = spawn_on(&pty, rt.nvmm(&["console", "doomed"]));
     std::thread::sleep(Duration::from_millis(300));
     pty.master.write_all(b"\x01x").unwrap();
     assert_eq!(wait_exit(client), Some(0));
     rt.wait_gone("doomed");
+    let followed = wait_with_guard(follower);
+    assert_eq!(followed.code(), Some(0), "{followed:?}");
+    assert!(
+        followed.stdout.contains("halting with interrupts off"),
+        "{followed:?}"
+    );
 }
 
 #[test]
