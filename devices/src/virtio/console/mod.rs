@@ -54,6 +54,8 @@ pub struct Console {
     state: DeviceState,
     output: Box<dyn Write + Send>,
     staged: VecDeque<u8>,
+    /// Reused for every transmit buffer, so output costs no allocation per buffer.
+    tx_buf: Vec<u8>,
     room: EventFd,
     trouble: LogOnce,
 }
@@ -87,6 +89,7 @@ impl Console {
             state: DeviceState::Inactive,
             output,
             staged: VecDeque::with_capacity(INPUT_STAGING),
+            tx_buf: Vec::new(),
             room,
             trouble: LogOnce::default(),
         })
@@ -177,12 +180,12 @@ impl Console {
                         malformed = true;
                         break;
                     }
-                    let mut bytes = vec![0u8; desc.len() as usize];
-                    if mem.read_slice(&mut bytes, desc.addr()).is_err() {
+                    self.tx_buf.resize(desc.len() as usize, 0);
+                    if mem.read_slice(&mut self.tx_buf, desc.addr()).is_err() {
                         malformed = true;
                         break;
                     }
-                    if let Err(err) = self.output.write_all(&bytes) {
+                    if let Err(err) = self.output.write_all(&self.tx_buf) {
                         output_failed = Some(err);
                     }
                 }
