@@ -94,7 +94,7 @@ impl VmDir {
 pub enum Daemon {
     /// The caller's process: it waited for the VM to start (or fail); `true` if it runs.
     Parent(bool),
-    /// The background process: call [`ready`] once the VM runs.
+    /// The background process: call [`ReadyPipe::ready`] once the VM runs.
     Child(ReadyPipe),
 }
 
