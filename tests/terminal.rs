@@ -41,12 +41,10 @@ fn restored_after(
     let before = settings(&pty.slave);
     let (child, screen) = start(&pty, scenario, env);
     wait_for(&screen, ready);
-    if expected != Some(101) {
-        // The panic case may already be gone; the others are still running here.
-        assert!(
-            is_raw(&pty.slave) || child_exited(&child),
-            "{test}: not in raw mode"
-        );
+    // The crash and panic cases end by themselves, possibly before this check; the others are
+    // still running here (waiting for input, or halted).
+    if !matches!(expected, Some(3) | Some(101)) {
+        assert!(is_raw(&pty.slave), "{test}: not in raw mode");
     }
     end(&child, &mut pty.master);
     let code = wait_exit(child);
@@ -56,11 +54,6 @@ fn restored_after(
         before,
         "{test}: terminal not restored"
     );
-}
-
-fn child_exited(child: &Child) -> bool {
-    // SAFETY: kill with signal 0 only checks that the process exists.
-    unsafe { libc::kill(child.id() as i32, 0) != 0 }
 }
 
 fn signal(child: &Child, signal: i32) {
