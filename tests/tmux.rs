@@ -27,9 +27,11 @@ impl Tmux {
             socket: format!("nvmm-{}-{}", std::process::id(), test.replace(' ', "-")),
             session: "t".into(),
         };
-        // The shell prints the terminal settings before and after nvmm, and nvmm's exit code.
+        // The shell saves the terminal settings before and after nvmm, then prints nvmm's exit
+        // code (so once EXIT= shows, both files are complete).
         let script = format!(
-            "stty -g > /tmp/{s}.before; {command}; echo EXIT=$?; stty -g > /tmp/{s}.after; sleep 30",
+            "stty -g > /tmp/{s}.before; {command}; code=$?; stty -g > /tmp/{s}.after; \
+             echo EXIT=$code; sleep 30",
             s = tmux.socket
         );
         let ok = Command::new("tmux")
