@@ -18,7 +18,10 @@ use crate::device_manager::VirtioSlot;
 use crate::layout;
 
 /// The command line nvmm always gives the kernel, before the user's:
-/// - `console=ttyS0`: kernel messages and the first console on the 8250 UART (COM1).
+/// - `console=ttyS0`: kernel messages and the first console on the 8250 UART (COM1). With
+///   `--console virtio` nothing more is added: the virtio console (hvc0) carries the
+///   interactive login (a getty there, which the NixOS module sets up), while early boot and
+///   kernel messages stay on ttyS0; both reach the terminal.
 /// - `reboot=k`: reboot through the i8042 reset line (0xFE to port 0x64), which ends the VM.
 /// - `panic=1`: reboot one second after a kernel panic, so a crashed guest ends the VM too.
 /// - `pci=off`: there is no PCI bus; skip probing for one.
