@@ -141,6 +141,24 @@ pub trait VirtioDevice: Send {
     fn is_activated(&self) -> bool;
 }
 
+/// The driver's queues as exactly `N` queues that are all valid in guest memory: the check
+/// every device makes on activation.
+pub fn checked_queues<const N: usize>(
+    queues: Vec<Queue>,
+    mem: &GuestMemoryMmap,
+) -> Result<[Queue; N], ActivateError> {
+    use virtio_queue::QueueT;
+    if let Some(index) = queues.iter().position(|q| !q.is_valid(mem)) {
+        return Err(ActivateError::InvalidQueue(index));
+    }
+    queues
+        .try_into()
+        .map_err(|q: Vec<Queue>| ActivateError::QueueCount {
+            expected: N,
+            got: q.len(),
+        })
+}
+
 /// Logs each kind of guest error once per device, so a hostile guest cannot flood the log.
 #[derive(Debug, Default)]
 pub struct LogOnce {

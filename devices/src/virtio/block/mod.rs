@@ -26,7 +26,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 use self::io::{FileEngine, SyncFileEngine};
 use self::request::{ParsedChain, Request, RequestType, SECTOR_SIZE, SEGMENT_LEN};
-use super::{ActivateError, InterruptKind, IrqTrigger, LogOnce, VirtioDevice, read_config_bytes};
+use super::{
+    ActivateError, InterruptKind, IrqTrigger, LogOnce, VirtioDevice, checked_queues,
+    read_config_bytes,
+};
 
 /// Queue size offered to the driver.
 pub const QUEUE_SIZE: u16 = 256;
@@ -436,16 +439,7 @@ impl VirtioDevice for Block {
         _features: u64,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        let [queue]: [Queue; 1] =
-            queues
-                .try_into()
-                .map_err(|q: Vec<Queue>| ActivateError::QueueCount {
-                    expected: 1,
-                    got: q.len(),
-                })?;
-        if !queue.is_valid(&mem) {
-            return Err(ActivateError::InvalidQueue(0));
-        }
+        let [queue] = checked_queues(queues, &mem)?;
         self.state = DeviceState::Activated(ActiveState {
             mem,
             interrupt,

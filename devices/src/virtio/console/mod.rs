@@ -16,7 +16,10 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActivateError, InterruptKind, IrqTrigger, LogOnce, VirtioDevice, read_config_bytes};
+use super::{
+    ActivateError, InterruptKind, IrqTrigger, LogOnce, VirtioDevice, checked_queues,
+    read_config_bytes,
+};
 use crate::InputSink;
 
 /// `VIRTIO_CONSOLE_F_SIZE`.
@@ -260,18 +263,7 @@ impl VirtioDevice for Console {
         _features: u64,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        let [rx, tx]: [Queue; 2] =
-            queues
-                .try_into()
-                .map_err(|q: Vec<Queue>| ActivateError::QueueCount {
-                    expected: 2,
-                    got: q.len(),
-                })?;
-        for (index, queue) in [&rx, &tx].into_iter().enumerate() {
-            if !queue.is_valid(&mem) {
-                return Err(ActivateError::InvalidQueue(index));
-            }
-        }
+        let [rx, tx] = checked_queues(queues, &mem)?;
         self.state = DeviceState::Activated(ActiveState {
             mem,
             interrupt,

@@ -23,7 +23,10 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use self::tap::{FrameBackend, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
-use super::{ActivateError, InterruptKind, IrqTrigger, LogOnce, VirtioDevice, read_config_bytes};
+use super::{
+    ActivateError, InterruptKind, IrqTrigger, LogOnce, VirtioDevice, checked_queues,
+    read_config_bytes,
+};
 
 /// Queue size offered for both queues.
 pub const QUEUE_SIZE: u16 = 256;
@@ -444,18 +447,7 @@ impl<B: FrameBackend> VirtioDevice for Net<B> {
         features: u64,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        let [rx, tx]: [Queue; 2] =
-            queues
-                .try_into()
-                .map_err(|q: Vec<Queue>| ActivateError::QueueCount {
-                    expected: 2,
-                    got: q.len(),
-                })?;
-        for (index, queue) in [&rx, &tx].into_iter().enumerate() {
-            if !queue.is_valid(&mem) {
-                return Err(ActivateError::InvalidQueue(index));
-            }
-        }
+        let [rx, tx] = checked_queues(queues, &mem)?;
         if let Err(err) = self.backend.set_offload(offload_flags(features)) {
             self.warn_once(
                 trouble::OFFLOAD,
