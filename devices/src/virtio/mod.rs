@@ -10,6 +10,8 @@ pub mod block;
 pub mod console;
 pub mod mmio;
 pub mod net;
+#[cfg(test)]
+mod test_ring;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -6,14 +6,10 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
     VIRTIO_BLK_T_WRITE_ZEROES,
 };
-use virtio_queue::desc::RawDescriptor;
-use virtio_queue::desc::split::Descriptor as SplitDescriptor;
-use virtio_queue::mock::MockSplitQueue;
 
 use super::*;
+use crate::virtio::test_ring::TestRing;
 
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
 const HEADER: u64 = 0x10_0000;
 const DATA: u64 = 0x11_0000;
 const STATUS: u64 = 0x18_0000;
@@ -23,9 +19,7 @@ struct Harness {
     block: Block,
     irq: EventFd,
     path: PathBuf,
-    next_desc: u16,
-    avail: u64,
-    used: u64,
+    ring: TestRing,
 }
 
 impl Drop for Harness {
@@ -48,17 +42,13 @@ fn harness(name: &str, read_only: bool) -> Harness {
     .unwrap();
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
     let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let mock = MockSplitQueue::create(&mem, GuestAddress(0), QUEUE_SIZE);
-    let mut queue: Queue = mock.create_queue().unwrap();
-    let (avail, used) = (mock.avail_addr().0, mock.used_addr().0);
+    let (mut queue, ring) = TestRing::new(&mem, 0, QUEUE_SIZE);
     let mut h = Harness {
         mem,
         block,
         irq,
         path,
-        next_desc: 0,
-        avail,
-        used,
+        ring,
     };
     queue.set_event_idx(false);
     let interrupt = Arc::new(IrqTrigger::new(h.irq.try_clone().unwrap()));
@@ -71,25 +61,7 @@ fn harness(name: &str, read_only: bool) -> Harness {
 impl Harness {
     /// Adds a chain of (addr, len, device-writable) descriptors to the avail ring.
     fn add_chain(&mut self, descs: &[(u64, u32, bool)]) {
-        let start = self.next_desc;
-        for (i, &(addr, len, writable)) in descs.iter().enumerate() {
-            let mut flags = if writable { F_WRITE } else { 0 };
-            if i + 1 < descs.len() {
-                flags |= F_NEXT;
-            }
-            let index = start + i as u16;
-            let desc = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, index + 1));
-            self.mem
-                .write_obj(desc, GuestAddress(u64::from(index) * 16))
-                .unwrap();
-        }
-        let avail_idx: u16 = self.mem.read_obj(GuestAddress(self.avail + 2)).unwrap();
-        let slot = self.avail + 4 + 2 * u64::from(avail_idx % QUEUE_SIZE);
-        self.mem.write_obj(start, GuestAddress(slot)).unwrap();
-        self.mem
-            .write_obj(avail_idx.wrapping_add(1), GuestAddress(self.avail + 2))
-            .unwrap();
-        self.next_desc += descs.len() as u16;
+        self.ring.add_chain(&self.mem, descs);
     }
 
     fn header(&self, kind: u32, sector: u64) {
@@ -105,16 +77,12 @@ impl Harness {
         self.mem.read_obj(GuestAddress(STATUS)).unwrap()
     }
 
-    fn used(&self, index: u64) -> (u32, u32) {
-        let base = self.used + 4 + index * 8;
-        (
-            self.mem.read_obj(GuestAddress(base)).unwrap(),
-            self.mem.read_obj(GuestAddress(base + 4)).unwrap(),
-        )
+    fn used(&self, index: u16) -> (u32, u32) {
+        self.ring.used(&self.mem, index)
     }
 
     fn used_idx(&self) -> u16 {
-        self.mem.read_obj(GuestAddress(self.used + 2)).unwrap()
+        self.ring.used_idx(&self.mem)
     }
 
     fn request(&mut self, kind: u32, sector: u64, data: &[(u64, u32, bool)]) -> (u8, u32) {
@@ -130,7 +98,7 @@ impl Harness {
             before.wrapping_add(1),
             "request not completed"
         );
-        (self.status(), self.used(u64::from(before)).1)
+        (self.status(), self.used(before).1)
     }
 
     fn file_bytes(&self, offset: u64, len: usize) -> Vec<u8> {

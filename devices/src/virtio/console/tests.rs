@@ -2,15 +2,10 @@
 
 use std::sync::Mutex;
 
-use virtio_queue::desc::RawDescriptor;
-use virtio_queue::desc::split::Descriptor as SplitDescriptor;
-use virtio_queue::mock::MockSplitQueue;
 use vm_memory::GuestAddress;
 
 use super::*;
-
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
+use crate::virtio::test_ring::TestRing;
 
 #[derive(Clone, Default)]
 struct Screen(Arc<Mutex<Vec<u8>>>);
@@ -25,53 +20,14 @@ impl Write for Screen {
     }
 }
 
-struct Ring {
-    desc: u64,
-    avail: u64,
-    used: u64,
-    next: u16,
-}
-
-impl Ring {
-    fn add(&mut self, mem: &GuestMemoryMmap, addr: u64, len: u32, writable: bool) {
-        let index = self.next % QUEUE_SIZE;
-        let flags = if writable { F_WRITE } else { 0 } & !F_NEXT;
-        let desc = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0));
-        mem.write_obj(desc, GuestAddress(self.desc + u64::from(index) * 16))
-            .unwrap();
-        let idx: u16 = mem.read_obj(GuestAddress(self.avail + 2)).unwrap();
-        mem.write_obj(
-            index,
-            GuestAddress(self.avail + 4 + 2 * u64::from(idx % QUEUE_SIZE)),
-        )
-        .unwrap();
-        mem.write_obj(idx.wrapping_add(1), GuestAddress(self.avail + 2))
-            .unwrap();
-        self.next += 1;
-    }
-
-    fn used(&self, mem: &GuestMemoryMmap) -> Vec<(u32, u32)> {
-        let idx: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap();
-        (0..u64::from(idx))
-            .map(|i| {
-                let base = self.used + 4 + 8 * i;
-                (
-                    mem.read_obj(GuestAddress(base)).unwrap(),
-                    mem.read_obj(GuestAddress(base + 4)).unwrap(),
-                )
-            })
-            .collect()
-    }
-}
-
 struct Harness {
     mem: GuestMemoryMmap,
     console: Console,
     screen: Screen,
     irq: EventFd,
     room: EventFd,
-    rx: Ring,
-    tx: Ring,
+    rx: TestRing,
+    tx: TestRing,
 }
 
 fn harness() -> Harness {
@@ -80,21 +36,8 @@ fn harness() -> Harness {
     let room = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let mut console =
         Console::new(Box::new(screen.clone()), room.try_clone().unwrap(), 80, 24).unwrap();
-    let make = |base| {
-        let mock = MockSplitQueue::create(&mem, GuestAddress(base), QUEUE_SIZE);
-        let queue: Queue = mock.create_queue().unwrap();
-        (
-            queue,
-            Ring {
-                desc: mock.desc_table_addr().0,
-                avail: mock.avail_addr().0,
-                used: mock.used_addr().0,
-                next: 0,
-            },
-        )
-    };
-    let (rxq, rx) = make(0);
-    let (txq, tx) = make(0x1_0000);
+    let (rxq, rx) = TestRing::new(&mem, 0, QUEUE_SIZE);
+    let (txq, tx) = TestRing::new(&mem, 0x1_0000, QUEUE_SIZE);
     let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     console
         .activate(
@@ -121,10 +64,10 @@ fn guest_output_reaches_the_screen() {
     h.mem
         .write_slice(b"login: ", GuestAddress(0x10_0000))
         .unwrap();
-    h.tx.add(&h.mem, 0x10_0000, 7, false);
+    h.tx.add_chain(&h.mem, &[(0x10_0000, 7, false)]);
     h.console.process_tx();
     assert_eq!(*h.screen.0.lock().unwrap(), b"login: ");
-    assert_eq!(h.tx.used(&h.mem), vec![(0, 0)]);
+    assert_eq!(h.tx.all_used(&h.mem), vec![(0, 0)]);
     assert_eq!(h.irq.read().unwrap(), 1);
 }
 
@@ -141,7 +84,7 @@ fn input_waits_for_guest_buffers_and_is_not_lost() {
     assert!(h.room.read().is_err(), "nothing drained yet");
     let mut received = Vec::new();
     for i in 0..4u64 {
-        h.rx.add(&h.mem, 0x20_0000 + i * 0x1000, 256, true);
+        h.rx.add_chain(&h.mem, &[(0x20_0000 + i * 0x1000, 256, true)]);
     }
     h.console.process_rx();
     assert_eq!(
@@ -149,7 +92,7 @@ fn input_waits_for_guest_buffers_and_is_not_lost() {
         1,
         "the reader is told there is room"
     );
-    for (i, (_, len)) in h.rx.used(&h.mem).into_iter().enumerate() {
+    for (i, (_, len)) in h.rx.all_used(&h.mem).into_iter().enumerate() {
         let mut chunk = vec![0u8; len as usize];
         h.mem
             .read_slice(&mut chunk, GuestAddress(0x20_0000 + i as u64 * 0x1000))
@@ -194,8 +137,8 @@ fn resizing_updates_config_and_interrupts() {
 #[test]
 fn writable_transmit_buffers_are_dropped() {
     let mut h = harness();
-    h.tx.add(&h.mem, 0x10_0000, 16, true);
+    h.tx.add_chain(&h.mem, &[(0x10_0000, 16, true)]);
     h.console.process_tx();
     assert!(h.screen.0.lock().unwrap().is_empty());
-    assert_eq!(h.tx.used(&h.mem).len(), 1, "returned anyway");
+    assert_eq!(h.tx.all_used(&h.mem).len(), 1, "returned anyway");
 }

@@ -2,72 +2,22 @@
 
 use std::os::unix::net::UnixDatagram;
 
-use virtio_queue::desc::RawDescriptor;
-use virtio_queue::desc::split::Descriptor as SplitDescriptor;
-use virtio_queue::mock::MockSplitQueue;
 use vm_memory::GuestAddress;
 
 use super::*;
+use crate::virtio::test_ring::TestRing;
 
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
 const RX_BASE: u64 = 0;
 const TX_BASE: u64 = 0x1_0000;
 const SIZE: u16 = 16;
-
-/// One split queue laid out by MockSplitQueue, driven by hand afterwards.
-struct Ring {
-    desc: u64,
-    avail: u64,
-    used: u64,
-    next_desc: u16,
-}
-
-impl Ring {
-    fn add_chain(&mut self, mem: &GuestMemoryMmap, descs: &[(u64, u32, bool)]) {
-        let start = self.next_desc;
-        for (i, &(addr, len, writable)) in descs.iter().enumerate() {
-            let mut flags = if writable { F_WRITE } else { 0 };
-            if i + 1 < descs.len() {
-                flags |= F_NEXT;
-            }
-            let index = (start + i as u16) % SIZE;
-            let desc =
-                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, (index + 1) % SIZE));
-            mem.write_obj(desc, GuestAddress(self.desc + u64::from(index) * 16))
-                .unwrap();
-        }
-        let idx: u16 = mem.read_obj(GuestAddress(self.avail + 2)).unwrap();
-        mem.write_obj(
-            start % SIZE,
-            GuestAddress(self.avail + 4 + 2 * u64::from(idx % SIZE)),
-        )
-        .unwrap();
-        mem.write_obj(idx.wrapping_add(1), GuestAddress(self.avail + 2))
-            .unwrap();
-        self.next_desc = (start + descs.len() as u16) % SIZE;
-    }
-
-    fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
-        mem.read_obj(GuestAddress(self.used + 2)).unwrap()
-    }
-
-    fn used(&self, mem: &GuestMemoryMmap, index: u16) -> (u32, u32) {
-        let base = self.used + 4 + 8 * u64::from(index % SIZE);
-        (
-            mem.read_obj(GuestAddress(base)).unwrap(),
-            mem.read_obj(GuestAddress(base + 4)).unwrap(),
-        )
-    }
-}
 
 struct Harness {
     mem: GuestMemoryMmap,
     net: Net<UnixDatagram>,
     peer: UnixDatagram,
     irq: EventFd,
-    rx: Ring,
-    tx: Ring,
+    rx: TestRing,
+    tx: TestRing,
 }
 
 fn harness(mergeable: bool) -> Harness {
@@ -75,19 +25,8 @@ fn harness(mergeable: bool) -> Harness {
     let (ours, peer) = UnixDatagram::pair().unwrap();
     ours.set_nonblocking(true).unwrap();
     let mut net = Net::new(ours, [0x52, 0x54, 0, 0x12, 0x34, 0x56]).unwrap();
-    let make = |base| {
-        let mock = MockSplitQueue::create(&mem, GuestAddress(base), SIZE);
-        let queue: Queue = mock.create_queue().unwrap();
-        let ring = Ring {
-            desc: mock.desc_table_addr().0,
-            avail: mock.avail_addr().0,
-            used: mock.used_addr().0,
-            next_desc: 0,
-        };
-        (queue, ring)
-    };
-    let (rxq, rx) = make(RX_BASE);
-    let (txq, tx) = make(TX_BASE);
+    let (rxq, rx) = TestRing::new(&mem, RX_BASE, SIZE);
+    let (txq, tx) = TestRing::new(&mem, TX_BASE, SIZE);
     let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let features = if mergeable {
         1 << VIRTIO_NET_F_MRG_RXBUF

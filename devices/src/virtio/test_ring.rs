@@ -1,0 +1,78 @@
+//! A split virtqueue driven by hand, the way a guest driver would, for device tests: lay it out
+//! with virtio-queue's `MockSplitQueue`, then add descriptor chains and read the used ring.
+
+use virtio_queue::Queue;
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+
+/// The guest side of one queue.
+pub struct TestRing {
+    desc: u64,
+    avail: u64,
+    used: u64,
+    size: u16,
+    next_desc: u16,
+}
+
+impl TestRing {
+    /// A ring of `size` entries at `base`, and the device's view of it.
+    pub fn new(mem: &GuestMemoryMmap, base: u64, size: u16) -> (Queue, TestRing) {
+        let mock = MockSplitQueue::create(mem, GuestAddress(base), size);
+        let queue = mock.create_queue().unwrap();
+        let ring = TestRing {
+            desc: mock.desc_table_addr().0,
+            avail: mock.avail_addr().0,
+            used: mock.used_addr().0,
+            size,
+            next_desc: 0,
+        };
+        (queue, ring)
+    }
+
+    /// Makes a chain of (addr, len, device-writable) descriptors available.
+    pub fn add_chain(&mut self, mem: &GuestMemoryMmap, descs: &[(u64, u32, bool)]) {
+        let start = self.next_desc;
+        for (i, &(addr, len, writable)) in descs.iter().enumerate() {
+            let mut flags = if writable { F_WRITE } else { 0 };
+            if i + 1 < descs.len() {
+                flags |= F_NEXT;
+            }
+            let index = (start + i as u16) % self.size;
+            let next = (index + 1) % self.size;
+            let desc = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next));
+            mem.write_obj(desc, GuestAddress(self.desc + u64::from(index) * 16))
+                .unwrap();
+        }
+        let idx: u16 = mem.read_obj(GuestAddress(self.avail + 2)).unwrap();
+        let slot = self.avail + 4 + 2 * u64::from(idx % self.size);
+        mem.write_obj(start % self.size, GuestAddress(slot))
+            .unwrap();
+        mem.write_obj(idx.wrapping_add(1), GuestAddress(self.avail + 2))
+            .unwrap();
+        self.next_desc = (start + descs.len() as u16) % self.size;
+    }
+
+    /// The used ring's index.
+    pub fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
+        mem.read_obj(GuestAddress(self.used + 2)).unwrap()
+    }
+
+    /// Used element `index`: (head, length).
+    pub fn used(&self, mem: &GuestMemoryMmap, index: u16) -> (u32, u32) {
+        let base = self.used + 4 + 8 * u64::from(index % self.size);
+        (
+            mem.read_obj(GuestAddress(base)).unwrap(),
+            mem.read_obj(GuestAddress(base + 4)).unwrap(),
+        )
+    }
+
+    /// Every used element so far.
+    pub fn all_used(&self, mem: &GuestMemoryMmap) -> Vec<(u32, u32)> {
+        (0..self.used_idx(mem)).map(|i| self.used(mem, i)).collect()
+    }
+}
