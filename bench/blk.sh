@@ -32,7 +32,8 @@ Options:
 USAGE
 }
 
-die() { echo "bench/blk.sh: error: $*" >&2; exit 1; }
+# shellcheck source=bench/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 runs=3 mib=64 ios=2000 dir=/var/tmp nvmm='' guest=${NVMM_TEST_GUEST:-} only='' json=''
 while [[ $# -gt 0 ]]; do
@@ -54,26 +55,13 @@ done
     die "-n, --mib and --ios take positive integers"
 [[ -z $only || $only == nvmm || $only == qemu ]] || die "--only takes nvmm or qemu"
 
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-command -v python3 >/dev/null || die "python3 not found (apt-get install python3)"
-[[ -r /dev/kvm && -w /dev/kvm ]] || die "/dev/kvm is missing or not accessible"
-if [[ $only != nvmm ]] && ! command -v qemu-system-x86_64 >/dev/null; then
-    die "qemu-system-x86_64 not found; install it with: apt-get install -y qemu-system-x86 (or use --only nvmm)"
-fi
-if [[ -z $nvmm ]]; then
-    nvmm=target/release/nvmm
-    [[ -x $nvmm ]] || cargo build --release -p nvmm >&2 || die "building nvmm failed"
-fi
-if [[ -z $guest ]]; then
-    # The guest cli/build.rs built for this nvmm binary.
-    # shellcheck disable=SC2012 # build paths are plain; ls -t gives the newest
-    guest=$(ls -t target/release/build/nvmm-*/out/guest/release/nvmm-test-guest 2>/dev/null | head -n 1)
-fi
-[[ -f $guest ]] || die "test guest ELF not found (build nvmm with cargo build --release, or use --guest)"
+bench_setup "$only"
 
 exec python3 - "$runs" "$mib" "$ios" "$dir" "$nvmm" "$guest" "$only" "$json" <<'PY'
 """Run the guest's blkbench under each monitor, timestamp its port-0x80 phase markers."""
-import json, os, random, select, statistics, subprocess, sys, tempfile, time
+import json, os, random, statistics, subprocess, sys, tempfile, time
+
+from markers import QEMU_DEBUGCON, time_markers
 
 runs, mib, ios = (int(v) for v in sys.argv[1:4])
 scratch_dir, nvmm, guest, only, json_path = sys.argv[4:9]
@@ -103,42 +91,16 @@ def argv(name):
             "-kernel", guest, "-append", CMDLINE,
             "-drive", f"id=d0,file={disk},format=raw,if=none,cache=writeback",
             "-device", "virtio-blk-device,drive=d0",
-            "-device", "isa-debugcon,iobase=0x80,chardev=dbg", "-chardev", "stdio,id=dbg",
-            "-serial", "null"]
-
-
-def markers(name, data):
-    """The port-0x80 bytes seen so far, in order."""
-    if name == "qemu":
-        return list(data)
-    found = []
-    for line in data.decode(errors="replace").splitlines():
-        if "debug port 0x80: " in line:
-            found.append(int(line.split("debug port 0x80: ")[1].split()[0], 16))
-    return found
+            "-serial", "null"] + QEMU_DEBUGCON
 
 
 def run_once(name):
     p = subprocess.Popen(argv(name), stdin=subprocess.DEVNULL,
                          stdout=subprocess.PIPE if name == "qemu" else subprocess.DEVNULL,
                          stderr=subprocess.PIPE if name == "nvmm" else subprocess.DEVNULL)
-    stream = (p.stdout if name == "qemu" else p.stderr).fileno()
-    data, seen, when = b"", 0, {}
-    deadline = time.monotonic() + TIMEOUT_S
+    stream = p.stdout if name == "qemu" else p.stderr
     try:
-        while 0x25 not in when:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([stream], [], [], left)[0]:
-                sys.exit(f"bench/blk.sh: {name}: no end marker within {TIMEOUT_S:.0f} s")
-            piece = os.read(stream, 65536)
-            if not piece:
-                sys.exit(f"bench/blk.sh: {name} exited early: {data[-2000:].decode(errors='replace')}")
-            now = time.monotonic()
-            data += piece
-            found = markers(name, data)
-            for code in found[seen:]:
-                when.setdefault(code, now)
-            seen = len(found)
+        when = time_markers(name, stream, 0x25, TIMEOUT_S, f"bench/blk.sh: {name}")
     finally:
         p.kill()
         p.wait()

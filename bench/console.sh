@@ -28,7 +28,8 @@ Options:
 USAGE
 }
 
-die() { echo "bench/console.sh: error: $*" >&2; exit 1; }
+# shellcheck source=bench/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 runs=3 kib=256 keys=50 nvmm='' guest=${NVMM_TEST_GUEST:-} only='' json=''
 while [[ $# -gt 0 ]]; do
@@ -49,25 +50,13 @@ done
     die "-n, --kib and --keys take positive integers"
 [[ -z $only || $only == nvmm || $only == qemu ]] || die "--only takes nvmm or qemu"
 
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-command -v python3 >/dev/null || die "python3 not found (apt-get install python3)"
-[[ -r /dev/kvm && -w /dev/kvm ]] || die "/dev/kvm is missing or not accessible"
-if [[ $only != nvmm ]] && ! command -v qemu-system-x86_64 >/dev/null; then
-    die "qemu-system-x86_64 not found; install it with: apt-get install -y qemu-system-x86 (or use --only nvmm)"
-fi
-if [[ -z $nvmm ]]; then
-    nvmm=target/release/nvmm
-    [[ -x $nvmm ]] || cargo build --release -p nvmm >&2 || die "building nvmm failed"
-fi
-if [[ -z $guest ]]; then
-    # shellcheck disable=SC2012 # build paths are plain; ls -t gives the newest
-    guest=$(ls -t target/release/build/nvmm-*/out/guest/release/nvmm-test-guest 2>/dev/null | head -n 1)
-fi
-[[ -f $guest ]] || die "test guest ELF not found (build nvmm with cargo build --release, or use --guest)"
+bench_setup "$only"
 
 exec python3 - "$runs" "$kib" "$keys" "$nvmm" "$guest" "$only" "$json" <<'PY'
 """Console throughput and keystroke latency on a pseudo-terminal."""
 import json, os, pty, select, statistics, subprocess, sys, threading, time, tty
+
+from markers import QEMU_DEBUGCON, time_markers
 
 runs, kib, keys = (int(v) for v in sys.argv[1:4])
 nvmm, guest, only, json_path = sys.argv[4:8]
@@ -83,8 +72,8 @@ def argv(name, target, scenario, tty_path):
         return [nvmm, "run", "-v", "--kernel", guest, "--mem", "32", "--cmdline", cmdline] + console
     base = ["qemu-system-x86_64", "-M", "microvm,acpi=off", "-accel", "kvm", "-m", "32",
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-global", "virtio-mmio.force-legacy=false", "-kernel", guest, "-append", cmdline,
-            "-device", "isa-debugcon,iobase=0x80,chardev=dbg", "-chardev", "stdio,id=dbg"]
+            "-global", "virtio-mmio.force-legacy=false", "-kernel", guest, "-append", cmdline
+            ] + QEMU_DEBUGCON
     if target == "serial":
         return base + ["-serial", tty_path]
     return base + ["-serial", f"file:{REPORT}", "-device", "virtio-serial-device",
@@ -100,20 +89,13 @@ def spawn(name, target, scenario):
     if name == "nvmm":
         p = subprocess.Popen(argv(name, target, scenario, tty_path), stdin=slave, stdout=slave,
                              stderr=subprocess.PIPE)
-        markers = p.stderr
+        marker_stream = p.stderr
     else:
         # For virtio runs QEMU's serial port (the guest's report) goes to REPORT.
         p = subprocess.Popen(argv(name, target, scenario, tty_path), stdin=subprocess.DEVNULL,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        markers = p.stdout
-    return p, master, slave, out, markers
-
-
-def marker_codes(name, data):
-    if name == "qemu":
-        return list(data)
-    return [int(line.split("debug port 0x80: ")[1].split()[0], 16)
-            for line in data.decode(errors="replace").splitlines() if "debug port 0x80: " in line]
+        marker_stream = p.stdout
+    return p, master, slave, out, marker_stream
 
 
 def drain(master, out, stop):
@@ -127,27 +109,13 @@ def drain(master, out, stop):
 
 def flood(name, target):
     """Output MB/s between the guest's start and end markers, timed on arrival here."""
-    p, master, slave, out, markers = spawn(name, target, "vcon_flood")
+    p, master, slave, out, marker_stream = spawn(name, target, "vcon_flood")
     start, end = (0x40, 0x41) if target == "virtio" else (0x42, 0x43)
     stop = threading.Event()
     reader = threading.Thread(target=drain, args=(master, out, stop), daemon=True)
     reader.start()
-    deadline = time.monotonic() + TIMEOUT_S
-    data, seen, when = b"", 0, {}
     try:
-        while end not in when:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([markers], [], [], left)[0]:
-                sys.exit(f"bench/console.sh: {name} {target}: no end marker")
-            piece = os.read(markers.fileno(), 65536)
-            if not piece:
-                sys.exit(f"bench/console.sh: {name} {target}: exited early")
-            now = time.monotonic()
-            data += piece
-            codes = marker_codes(name, data)
-            for code in codes[seen:]:
-                when.setdefault(code, now)
-            seen = len(codes)
+        when = time_markers(name, marker_stream, end, TIMEOUT_S, f"bench/console.sh: {name} {target}")
         return kib * 1024 / (when[end] - when[start]) / 1e6
     finally:
         stop.set()

@@ -29,7 +29,8 @@ Needs root (network namespace, tap).
 USAGE
 }
 
-die() { echo "bench/net.sh: error: $*" >&2; exit 1; }
+# shellcheck source=bench/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 runs=3 mib=32 nvmm='' guest=${NVMM_TEST_GUEST:-} only='' json=''
 while [[ $# -gt 0 ]]; do
@@ -49,21 +50,7 @@ done
 [[ -z $only || $only == nvmm || $only == qemu ]] || die "--only takes nvmm or qemu"
 [[ $(id -u) -eq 0 ]] || die "needs root (network namespace and tap)"
 
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-command -v python3 >/dev/null || die "python3 not found (apt-get install python3)"
-if [[ $only != nvmm ]] && ! command -v qemu-system-x86_64 >/dev/null; then
-    die "qemu-system-x86_64 not found; install it with: apt-get install -y qemu-system-x86 (or use --only nvmm)"
-fi
-if [[ -z $nvmm ]]; then
-    nvmm=target/release/nvmm
-    [[ -x $nvmm ]] || cargo build --release -p nvmm >&2 || die "building nvmm failed"
-fi
-if [[ -z $guest ]]; then
-    # shellcheck disable=SC2012 # build paths are plain; ls -t gives the newest
-    guest=$(ls -t target/release/build/nvmm-*/out/guest/release/nvmm-test-guest 2>/dev/null | head -n 1)
-fi
-[[ -f $guest ]] || die "test guest ELF not found (build nvmm with cargo build --release, or use --guest)"
-nvmm=$(realpath "$nvmm") guest=$(realpath "$guest")
+bench_setup "$only"
 
 ns=nvmmbench-$$
 cleanup() { ip netns del "$ns" 2>/dev/null || true; }
@@ -76,7 +63,9 @@ ip -n "$ns" link set tap0 up
 
 ip netns exec "$ns" python3 - "$runs" "$mib" "$nvmm" "$guest" "$only" "$json" <<'PY'
 """Serve the guest's net_bench, timestamp its port-0x80 phase markers."""
-import json, os, select, socket, statistics, subprocess, sys, threading, time
+import json, socket, statistics, subprocess, sys, threading, time
+
+from markers import QEMU_DEBUGCON, time_markers
 
 runs, mib = int(sys.argv[1]), int(sys.argv[2])
 nvmm, guest, only, json_path = sys.argv[3:7]
@@ -96,8 +85,7 @@ def argv(name):
             "-global", "virtio-mmio.force-legacy=false", "-kernel", guest, "-append", CMDLINE,
             "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
             "-device", f"virtio-net-device,netdev=n0,mac={MAC}",
-            "-device", "isa-debugcon,iobase=0x80,chardev=dbg", "-chardev", "stdio,id=dbg",
-            "-serial", "null"]
+            "-serial", "null"] + QEMU_DEBUGCON
 
 
 def serve(listener, errors):
@@ -122,16 +110,6 @@ def serve(listener, errors):
         errors.append(e)
 
 
-def markers(name, data):
-    if name == "qemu":
-        return list(data)
-    found = []
-    for line in data.decode(errors="replace").splitlines():
-        if "debug port 0x80: " in line:
-            found.append(int(line.split("debug port 0x80: ")[1].split()[0], 16))
-    return found
-
-
 def run_once(name):
     listener = socket.create_server((HOST, PORT), reuse_port=True)
     errors = []
@@ -140,27 +118,11 @@ def run_once(name):
     p = subprocess.Popen(argv(name), stdin=subprocess.DEVNULL,
                          stdout=subprocess.PIPE if name == "qemu" else subprocess.DEVNULL,
                          stderr=subprocess.PIPE if name == "nvmm" else subprocess.DEVNULL)
-    stream = (p.stdout if name == "qemu" else p.stderr).fileno()
-    data, seen, when = b"", 0, {}
-    deadline = time.monotonic() + TIMEOUT_S
+    stream = p.stdout if name == "qemu" else p.stderr
     try:
-        while 0x33 not in when:
-            left = deadline - time.monotonic()
-            if errors:
-                sys.exit(f"bench/net.sh: {name}: server: {errors[0]}")
-            if left <= 0 or not select.select([stream], [], [], min(left, 1.0))[0]:
-                if left <= 0:
-                    sys.exit(f"bench/net.sh: {name}: no end marker within {TIMEOUT_S:.0f} s")
-                continue
-            piece = os.read(stream, 65536)
-            if not piece:
-                sys.exit(f"bench/net.sh: {name} exited early: {data[-2000:].decode(errors='replace')}")
-            now = time.monotonic()
-            data += piece
-            found = markers(name, data)
-            for code in found[seen:]:
-                when.setdefault(code, now)
-            seen = len(found)
+        when = time_markers(name, stream, 0x33, TIMEOUT_S, f"bench/net.sh: {name}")
+        if errors:
+            sys.exit(f"bench/net.sh: {name}: server: {errors[0]}")
     finally:
         p.kill()
         p.wait()
