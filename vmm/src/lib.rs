@@ -17,9 +17,11 @@ pub mod kvm;
 pub mod layout;
 pub mod vcpu;
 
-/// The device models nvmm is built from (re-exported so the CLI can name their errors).
+/// The device models nvmm is built from (re-exported for the CLI: errors it names, and taps it
+/// creates for the VMM to open).
 pub mod devices {
     pub use nvmm_devices::virtio::block::BlockError;
+    pub use nvmm_devices::virtio::net::tap::Tap;
 }
 
 use std::os::fd::AsRawFd;

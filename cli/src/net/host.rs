@@ -947,26 +947,8 @@ fn create_tap(nl: &mut Netlink, tap: &str, bridge: &str) -> Result<(), NetError>
     Ok(())
 }
 
-// From <linux/if_tun.h>.
-const IFF_TAP: u16 = 0x0002;
-const IFF_NO_PI: u16 = 0x1000;
-const IFF_VNET_HDR: u16 = 0x4000;
-/// Fail with EBUSY instead of attaching to an existing device of that name.
-const IFF_TUN_EXCL: u16 = 0x8000;
-// _IOW('T', 202, int), _IOW('T', 203, int).
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
-
-/// `struct ifreq` as TUNSETIFF reads it: the name and the flags, padded to the kernel's size.
-#[repr(C)]
-struct IfReq {
-    name: [u8; libc::IFNAMSIZ],
-    flags: u16,
-    _pad: [u8; 22],
-}
-
-/// Creates tap `name` with the flags the VMM opens it with (`IFF_TAP | IFF_NO_PI |
-/// IFF_VNET_HDR`) and marks it persistent, so it stays when this fd closes.
+/// Creates tap `name` as the VMM opens it, persistent so it stays when this process's fd
+/// closes.
 fn create_persistent_tap(name: &str) -> io::Result<()> {
     if !is_valid_ifname(name) {
         return Err(io::Error::new(
@@ -974,28 +956,7 @@ fn create_persistent_tap(name: &str) -> io::Result<()> {
             "invalid interface name",
         ));
     }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_CLOEXEC)
-        .open("/dev/net/tun")?;
-    let mut req = IfReq {
-        name: [0; libc::IFNAMSIZ],
-        flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_TUN_EXCL,
-        _pad: [0; 22],
-    };
-    // At most 15 bytes (checked above), so the name stays NUL-terminated.
-    req.name[..name.len()].copy_from_slice(name.as_bytes());
-    // SAFETY: TUNSETIFF reads and may write a struct ifreq; `req` has the kernel's layout and
-    // size and lives across the call; `file` is an open /dev/net/tun.
-    if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: TUNSETPERSIST takes its argument by value; no memory is passed.
-    if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETPERSIST, libc::c_ulong::from(1u8)) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    nvmm_vmm::devices::Tap::create_persistent(name)
 }
 
 /// The start time (clock ticks since boot, field 22 of `/proc/PID/stat`) of process `pid`, or

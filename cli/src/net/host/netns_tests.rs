@@ -2,7 +2,7 @@
 //! test itself (root only; skipped with a message elsewhere): nothing they create is visible on
 //! the host, everything disappears with the namespace, and the tests can run in parallel.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Write as _};
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -41,23 +41,9 @@ fn unshare_netns() -> io::Result<()> {
     Ok(())
 }
 
-/// Opens an existing tap as the VMM does (`devices/src/virtio/net/tap.rs`).
-fn open_tap(name: &str) -> io::Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/net/tun")?;
-    let mut req = IfReq {
-        name: [0; libc::IFNAMSIZ],
-        flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
-        _pad: [0; 22],
-    };
-    req.name[..name.len()].copy_from_slice(name.as_bytes());
-    // SAFETY: as in `create_persistent_tap`.
-    if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(file)
+/// Opens an existing tap exactly as the VMM does.
+fn open_tap(name: &str) -> io::Result<nvmm_vmm::devices::Tap> {
+    nvmm_vmm::devices::Tap::open(name)
 }
 
 fn link(name: &str) -> Option<Link> {

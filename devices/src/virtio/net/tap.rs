@@ -28,8 +28,12 @@ pub const TUN_F_TSO6: u32 = 0x04;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
-// _IOW('T', 202, int), _IOW('T', 208, unsigned int), _IOW('T', 216, int) from <linux/if_tun.h>.
+/// Fail with EBUSY instead of attaching to an existing device of that name.
+const IFF_TUN_EXCL: libc::c_short = 0x8000u16 as libc::c_short;
+// _IOW('T', 202, int), _IOW('T', 203, int), _IOW('T', 208, unsigned int), _IOW('T', 216, int)
+// from <linux/if_tun.h>.
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 /// `sizeof(struct virtio_net_hdr_v1)`.
@@ -53,48 +57,66 @@ pub struct Tap {
 impl Tap {
     /// Opens (creating if needed) the tap `name`, non-blocking, with virtio-net headers.
     pub fn open(name: &str) -> io::Result<Self> {
-        if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('/') {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "invalid tap name",
-            ));
-        }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open("/dev/net/tun")?;
-        let mut req = IfReq {
-            name: [0; libc::IFNAMSIZ],
-            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
-            _pad: [0; 22],
-        };
-        req.name[..name.len()].copy_from_slice(name.as_bytes());
-        // SAFETY: TUNSETIFF reads (and may update the name of) a struct ifreq; `req` has the
-        // kernel's layout and size and lives across the call.
-        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let (file, name) = set_iff(name, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, libc::O_NONBLOCK)?;
         let hdr_len = VNET_HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which is valid.
         if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &hdr_len) } < 0 {
             return Err(io::Error::last_os_error());
         }
-        let end = req
-            .name
-            .iter()
-            .position(|b| *b == 0)
-            .unwrap_or(req.name.len());
-        Ok(Self {
-            file,
-            name: String::from_utf8_lossy(&req.name[..end]).into_owned(),
-        })
+        Ok(Self { file, name })
+    }
+
+    /// Creates the tap `name` with the flags [`Tap::open`] uses and makes it persistent, so it
+    /// outlives this process until deleted; fails with EBUSY if an interface of that name
+    /// already exists.
+    pub fn create_persistent(name: &str) -> io::Result<()> {
+        let flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_TUN_EXCL;
+        let (file, _) = set_iff(name, flags, 0)?;
+        // SAFETY: TUNSETPERSIST takes its argument by value; no memory is passed.
+        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETPERSIST, libc::c_ulong::from(1u8)) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// The interface name the kernel gave it.
     pub fn name(&self) -> &str {
         &self.name
     }
+}
+
+/// Opens /dev/net/tun and attaches it to interface `name` with `flags` (TUNSETIFF); returns the
+/// fd and the name the kernel used.
+fn set_iff(name: &str, flags: libc::c_short, open_flags: i32) -> io::Result<(File, String)> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('/') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "invalid tap name",
+        ));
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(open_flags | libc::O_CLOEXEC)
+        .open("/dev/net/tun")?;
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags,
+        _pad: [0; 22],
+    };
+    // Shorter than IFNAMSIZ (checked above), so the name stays NUL-terminated.
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: TUNSETIFF reads (and may update the name of) a struct ifreq; `req` has the
+    // kernel's layout and size and lives across the call.
+    if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let end = req
+        .name
+        .iter()
+        .position(|b| *b == 0)
+        .unwrap_or(req.name.len());
+    Ok((file, String::from_utf8_lossy(&req.name[..end]).into_owned()))
 }
 
 impl AsRawFd for Tap {
