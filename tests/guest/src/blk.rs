@@ -14,7 +14,7 @@
 use core::hint::spin_loop;
 use core::ptr::{read_volatile, write_volatile};
 
-use crate::dma::{Arena, DmaBuf, Seg, claim_ring_pages};
+use crate::dma::{Arena, DmaBuf, Seg};
 use crate::mem::zeroed;
 use crate::time::Deadline;
 use crate::virtio_mmio::{F_EVENT_IDX, F_INDIRECT_DESC, Options, Transport};
@@ -138,20 +138,7 @@ impl BlkDevice {
         }
         let features = transport.negotiate(wanted)?;
 
-        let max = transport.queue_max(0);
-        if max == 0 {
-            transport.fail();
-            return Err("no-queue");
-        }
-        let size = options.queue_size(max);
-        let Some(pages) = claim_ring_pages() else {
-            transport.fail();
-            return Err("too-many-virtio-devices");
-        };
-        // SAFETY: the pages were just claimed for this device's queue 0 alone,
-        // and `size` is a power of two no larger than MAX_QUEUE_SIZE.
-        let queue = unsafe { Virtqueue::new(pages, size, features & F_EVENT_IDX != 0) };
-        transport.setup_queue(0, &queue)?;
+        let queue = transport.new_queue(0, options, features & F_EVENT_IDX != 0)?;
 
         let has = |bit| features & bit != 0;
         let size_max = match transport.config32(CFG_SIZE_MAX) {

@@ -32,7 +32,7 @@
 use core::hint::spin_loop;
 use core::iter::once;
 
-use crate::dma::{Arena, DmaBuf, claim_ring_pages};
+use crate::dma::{Arena, DmaBuf};
 use crate::mem::zeroed;
 use crate::time::Deadline;
 use crate::virtio_mmio::{F_EVENT_IDX, F_INDIRECT_DESC, INTERRUPT_CONFIG, Options, Transport};
@@ -129,8 +129,8 @@ impl ConsoleDevice {
         }
         let features = transport.negotiate(wanted)?;
         let event_idx = features & F_EVENT_IDX != 0;
-        let rx = Self::queue(&transport, RX_QUEUE, options, event_idx)?;
-        let tx = Self::queue(&transport, TX_QUEUE, options, event_idx)?;
+        let rx = transport.new_queue(RX_QUEUE, options, event_idx)?;
+        let tx = transport.new_queue(TX_QUEUE, options, event_idx)?;
 
         let rx_count = usize::from(rx.size()).min(RX_BUFFERS);
         let tx_count = usize::from(tx.size()).min(layout.slots).min(MAX_TX_SLOTS);
@@ -162,30 +162,6 @@ impl ConsoleDevice {
         }
         dev.kick();
         Ok(dev)
-    }
-
-    /// Sets up queue `index` with ring pages of its own.
-    fn queue(
-        transport: &Transport,
-        index: u32,
-        options: Options,
-        event_idx: bool,
-    ) -> Result<Virtqueue, &'static str> {
-        let max = transport.queue_max(index);
-        if max == 0 {
-            transport.fail();
-            return Err("no-queue");
-        }
-        let Some(pages) = claim_ring_pages() else {
-            transport.fail();
-            return Err("too-many-virtio-devices");
-        };
-        let size = options.queue_size(max);
-        // SAFETY: the pages were just claimed for this queue alone, and
-        // `queue_size` returns a power of two no larger than MAX_QUEUE_SIZE.
-        let queue = unsafe { Virtqueue::new(pages, size, event_idx) };
-        transport.setup_queue(index, &queue)?;
-        Ok(queue)
     }
 
     /// The virtio device number (`dev=N`).

@@ -37,7 +37,7 @@ use smoltcp::phy::{self, Checksum, Device, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 
 use crate::checksum;
-use crate::dma::{Arena, DmaBuf, claim_ring_pages};
+use crate::dma::{Arena, DmaBuf};
 use crate::virtio_mmio::{F_EVENT_IDX, F_INDIRECT_DESC, Options, Transport};
 use crate::virtqueue::{Buf, Virtqueue};
 
@@ -166,8 +166,8 @@ impl NetDevice {
             options.rx_buffer.max(MIN_RX_BUFFER_NO_MERGE)
         };
 
-        let rx_queue = Self::queue(&transport, RX_QUEUE, options.virtio, has(F_EVENT_IDX))?;
-        let tx_queue = Self::queue(&transport, TX_QUEUE, options.virtio, has(F_EVENT_IDX))?;
+        let rx_queue = transport.new_queue(RX_QUEUE, options.virtio, has(F_EVENT_IDX))?;
+        let tx_queue = transport.new_queue(TX_QUEUE, options.virtio, has(F_EVENT_IDX))?;
 
         let mac = if has(F_MAC) {
             Self::read_mac(&transport)
@@ -230,30 +230,6 @@ impl NetDevice {
         }
         dev.flush();
         Ok(dev)
-    }
-
-    /// Sets up queue `index` with ring pages of its own.
-    fn queue(
-        transport: &Transport,
-        index: u32,
-        options: Options,
-        event_idx: bool,
-    ) -> Result<Virtqueue, &'static str> {
-        let max = transport.queue_max(index);
-        if max == 0 {
-            transport.fail();
-            return Err("no-queue");
-        }
-        let Some(pages) = claim_ring_pages() else {
-            transport.fail();
-            return Err("too-many-virtio-devices");
-        };
-        let size = options.queue_size(max);
-        // SAFETY: the pages were just claimed for this queue alone, and
-        // `queue_size` returns a power of two no larger than MAX_QUEUE_SIZE.
-        let queue = unsafe { Virtqueue::new(pages, size, event_idx) };
-        transport.setup_queue(index, &queue)?;
-        Ok(queue)
     }
 
     /// The six MAC bytes, read a byte at a time until the configuration

@@ -7,7 +7,7 @@
 //! suffix), a decimal IRQ that is not 0, and an optional platform device id
 //! that only Linux's device model uses.
 
-use crate::dma::MAX_DEVICES;
+use crate::dma::{MAX_DEVICES, claim_ring_pages};
 use crate::io::{MAPPED_LIMIT, mmio_read8, mmio_read16, mmio_read32, mmio_write32};
 use crate::scenarios::{cmdline_value, cmdline_values, parse_decimal};
 use crate::virtqueue::{MAX_QUEUE_SIZE, Virtqueue};
@@ -298,6 +298,31 @@ impl Transport {
     pub fn queue_max(&self, index: u32) -> u32 {
         self.write(REG_QUEUE_SEL, index);
         self.read(REG_QUEUE_NUM_MAX)
+    }
+
+    /// Sets up queue `index` with ring pages of its own, as large as `options` and the device
+    /// allow.
+    pub fn new_queue(
+        &self,
+        index: u32,
+        options: Options,
+        event_idx: bool,
+    ) -> Result<Virtqueue, &'static str> {
+        let max = self.queue_max(index);
+        if max == 0 {
+            self.fail();
+            return Err("no-queue");
+        }
+        let Some(pages) = claim_ring_pages() else {
+            self.fail();
+            return Err("too-many-virtio-devices");
+        };
+        let size = options.queue_size(max);
+        // SAFETY: the pages were just claimed for this queue alone, and
+        // `queue_size` returns a power of two no larger than MAX_QUEUE_SIZE.
+        let queue = unsafe { Virtqueue::new(pages, size, event_idx) };
+        self.setup_queue(index, &queue)?;
+        Ok(queue)
     }
 
     /// Tells the device where queue `index` lives and enables it.
