@@ -8,6 +8,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
+use crate::lock;
+
 /// A device that decodes accesses to the range(s) it was inserted at.
 pub trait BusDevice: Send {
     /// Guest read of `data.len()` bytes at `base + offset`, where `base` is the start of the range
@@ -143,10 +145,7 @@ impl Bus {
     }
 
     fn log_unclaimed(&self, addr: u64, access: &str) {
-        let mut logged = self
-            .logged_unclaimed
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut logged = lock(&self.logged_unclaimed);
         if logged.len() < MAX_LOGGED_UNCLAIMED && logged.insert(addr) {
             log::debug!(
                 "{} {access} at unclaimed address {addr:#x} ignored (logged once)",
@@ -154,14 +153,6 @@ impl Bus {
             );
         }
     }
-}
-
-/// Locks a device. A device never panics while holding its lock (guest input cannot make it),
-/// so a poisoned lock is recovered rather than turned into a second panic.
-pub fn lock(device: &SharedDevice) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
-    device
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

@@ -11,6 +11,15 @@ pub mod virtio;
 
 use vmm_sys_util::eventfd::EventFd;
 
+/// Locks a device (or any state shared with one). Nothing in nvmm panics while holding such a
+/// lock (guest input cannot make it), so a poisoned lock is recovered rather than turned into a
+/// second panic.
+pub fn lock<T: ?Sized>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Where host console input goes (the UART or the virtio console): it takes only as much as it
 /// has room for, so the reader can stop reading the terminal instead of dropping keystrokes.
 pub trait InputSink: Send {

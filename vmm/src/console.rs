@@ -147,9 +147,7 @@ impl ConsoleInput {
     }
 
     fn sink(&self) -> std::sync::MutexGuard<'_, dyn InputSink + 'static> {
-        self.sink
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        nvmm_devices::lock(&self.sink)
     }
 
     /// Moves pending bytes into the FIFO; returns true when all of them fit.
@@ -321,10 +319,7 @@ impl MutEventSubscriber for ConsoleResize {
         let _ = self.handle.event.read();
         if let Some((cols, rows)) = terminal_size() {
             log::debug!("terminal resized to {cols}x{rows}");
-            self.console
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .set_size(cols, rows);
+            nvmm_devices::lock(&self.console).set_size(cols, rows);
         }
     }
 

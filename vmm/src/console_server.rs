@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use nvmm_devices::lock;
 use nvmm_devices::virtio::console::Console;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -107,10 +108,6 @@ impl Write for HubWriter {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
-}
-
-fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 const LISTENER: u32 = 0;

@@ -284,7 +284,7 @@ where
         .map_err(|source| DeviceError::RegisterIrqFd { irq, source })?;
     let notify = slot.base + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY);
     {
-        let locked = device.lock().unwrap_or_else(|p| p.into_inner());
+        let locked = nvmm_devices::lock(&device);
         for (queue, event) in locked.queue_events().iter().enumerate() {
             vm.register_ioevent(event, &IoEventAddress::Mmio(notify), queue as u32)
                 .map_err(|source| DeviceError::RegisterIoEvent {

@@ -19,6 +19,7 @@ use super::{
     VirtioDevice,
 };
 use crate::bus::BusDevice;
+use crate::lock;
 
 /// "virt" in little endian.
 const MAGIC: u32 = 0x7472_6976;
@@ -342,14 +343,6 @@ impl MmioTransport {
         self.queue_select = 0;
         self.interrupt.reset();
     }
-}
-
-fn lock(
-    device: &Arc<Mutex<dyn VirtioDevice>>,
-) -> std::sync::MutexGuard<'_, dyn VirtioDevice + 'static> {
-    device
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl BusDevice for MmioTransport {
