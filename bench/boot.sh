@@ -24,15 +24,16 @@ Options:
   -n N            runs per monitor (default 20)
   --mem MIB       guest memory in MiB (default 128)
   --nvmm PATH     nvmm binary (default target/release/nvmm, built if missing)
-  --guest PATH    test guest ELF (default $NVMM_TEST_GUEST, else target/release/nvmm-test-guest,
-                  built from tests/guest if missing)
+  --guest PATH    test guest ELF (default $NVMM_TEST_GUEST, else the one cargo built for
+                  target/release/nvmm)
   --only WHICH    measure only nvmm or only qemu
   --json FILE     also write the figures as JSON
   -h, --help      this text
 EOF
 }
 
-die() { echo "bench/boot.sh: error: $*" >&2; exit 1; }
+# shellcheck source=bench/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 runs=20
 mem=128
@@ -57,35 +58,7 @@ done
 [[ $mem =~ ^[1-9][0-9]*$ ]] || die "--mem must be a positive integer (MiB)"
 [[ -z $only || $only == nvmm || $only == qemu ]] || die "--only takes nvmm or qemu"
 
-repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$repo_root"
-
-command -v python3 >/dev/null || die "python3 not found (apt-get install python3)"
-[[ -r /dev/kvm && -w /dev/kvm ]] || die "/dev/kvm is missing or not accessible"
-if [[ $only != nvmm ]] && ! command -v qemu-system-x86_64 >/dev/null; then
-    die "qemu-system-x86_64 not found; install it with: apt-get install -y qemu-system-x86 (or use --only nvmm)"
-fi
-if [[ $only != qemu ]]; then
-    if [[ -z $nvmm ]]; then
-        nvmm=target/release/nvmm
-        if [[ ! -x $nvmm ]]; then
-            echo "bench/boot.sh: building nvmm (cargo build --release -p nvmm)" >&2
-            cargo build --release -p nvmm >&2 || die "building nvmm failed"
-        fi
-    fi
-    [[ -x $nvmm ]] || die "nvmm binary not found or not executable: $nvmm"
-fi
-if [[ -z $guest ]]; then
-    guest=target/release/nvmm-test-guest
-    if [[ ! -f $guest ]]; then
-        [[ -f tests/guest/Cargo.toml ]] ||
-            die "no test guest: $guest is absent and tests/guest/Cargo.toml does not exist (use --guest)"
-        echo "bench/boot.sh: building the test guest" >&2
-        cargo build --release --manifest-path tests/guest/Cargo.toml --target-dir target >&2 ||
-            die "building the test guest failed"
-    fi
-fi
-[[ -f $guest ]] || die "test guest ELF not found: $guest"
+bench_setup "$only"
 
 exec python3 - "$runs" "$mem" "$nvmm" "$guest" "$only" "$json" <<'PY'
 """Spawn each monitor, time its first port-0x80 marker, sample its smaps, kill it."""
