@@ -41,6 +41,11 @@ impl Cli {
 pub enum Command {
     /// Boot a kernel with the console in this terminal (Ctrl-A x quits).
     Run(Box<RunArgs>),
+    /// Build NixOS configurations of a flake and boot them as VMs on one network (the first
+    /// on this terminal, the others in the background).
+    Boot(Box<BootArgs>),
+    /// List a flake's NixOS configurations and which of them run.
+    List(ListArgs),
     /// Check this host (KVM, networking, nix) and boot nvmm's built-in test guest.
     Doctor(DoctorArgs),
     /// Attach this terminal to a background VM's console (Ctrl-A d detaches, Ctrl-A x stops it).
@@ -64,6 +69,61 @@ pub struct LogsArgs {
     /// Keep printing new output until the VM ends.
     #[arg(short, long)]
     pub follow: bool,
+}
+
+/// `nvmm boot`.
+#[derive(Debug, Args)]
+pub struct BootArgs {
+    /// Names in the flake's nixosConfigurations (`NAME`, or `FLAKE#NAME`).
+    #[arg(value_name = "NAME", required_unless_present = "runner")]
+    pub names: Vec<String>,
+    /// The flake: a directory, or any reference nix takes (`github:owner/repo`).
+    #[arg(long, value_name = "REF", default_value = ".")]
+    pub flake: String,
+    /// Boot a runner directory (docs/runner.md) instead of building one with nix.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["names", "flake"])]
+    pub runner: Option<PathBuf>,
+    /// The VM's name with --runner [default: the runner's `name`, else the directory's].
+    #[arg(long, value_name = "NAME", requires = "runner")]
+    pub name: Option<String>,
+    /// Run every VM in the background (`nvmm console NAME` attaches).
+    #[arg(short, long)]
+    pub detach: bool,
+    /// Keep the writable disk across boots instead of a fresh one each time.
+    #[arg(long)]
+    pub keep: bool,
+    /// Guest memory in MiB [default: the configuration's nvmm.memory].
+    #[arg(long, value_name = "MIB")]
+    pub mem: Option<u64>,
+    /// Number of vCPUs [default: the configuration's nvmm.vcpus].
+    #[arg(long, value_name = "N",
+          value_parser = clap::value_parser!(u8).range(1..=i64::from(nvmm_vmm::kvm::MAX_VCPUS)))]
+    pub cpus: Option<u8>,
+    /// Forward a host port to a guest port, beyond the configuration's nvmm.forwardPorts
+    /// (repeatable; only with one NAME).
+    #[arg(long, value_name = "[HOSTADDR:]HOSTPORT:GUESTPORT",
+          value_parser = crate::net::forward::ForwardSpec::parse)]
+    pub forward: Vec<crate::net::forward::ForwardSpec>,
+    /// The network the VMs join.
+    #[arg(long, value_name = "NETWORK", default_value = "nvmm0")]
+    pub net: String,
+    /// The network's subnet when nvmm creates it [default: a free private /24].
+    #[arg(long, value_name = "CIDR", value_parser = parse_subnet)]
+    pub subnet: Option<crate::net::addr::Ipv4Subnet>,
+    /// Show the build logs of everything nix builds.
+    #[arg(short = 'L', long)]
+    pub print_build_logs: bool,
+}
+
+/// `nvmm list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// The flake: a directory, or any reference nix takes.
+    #[arg(long, value_name = "REF", default_value = ".")]
+    pub flake: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `nvmm run`.

@@ -156,6 +156,24 @@ pub fn daemonize(vm_dir: &VmDir, name: &str) -> Result<Daemon, BackgroundError> 
     }
 }
 
+/// For a VM served in the foreground: refuses a name a running nvmm already serves, then
+/// writes this process's pid file, removed when the guard drops.
+pub fn claim(vm_dir: &VmDir, name: &str) -> Result<PidFile, BackgroundError> {
+    if let Some(pid) = vm_dir.running_pid() {
+        return Err(BackgroundError::AlreadyRunning {
+            name: name.to_owned(),
+            pid,
+        });
+    }
+    let files_error = |source| BackgroundError::Files {
+        path: vm_dir.0.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&vm_dir.0).map_err(files_error)?;
+    std::fs::write(vm_dir.file("pid"), format!("{}\n", std::process::id())).map_err(files_error)?;
+    Ok(vm_dir.pid_file())
+}
+
 /// # Safety
 /// Only replaces `fd` with a fresh open of `path`.
 unsafe fn redirect(fd: RawFd, path: &str) {

@@ -43,6 +43,24 @@ pub enum CliError {
     /// Background VMs.
     #[error(transparent)]
     Background(#[from] crate::background::BackgroundError),
+    /// Evaluating or building with nix failed.
+    #[error(transparent)]
+    Nix(#[from] crate::nix::NixError),
+    /// A runner directory is unusable.
+    #[error(transparent)]
+    Runner(#[from] crate::runner::RunnerError),
+    /// A VM's disks could not be made.
+    #[error(transparent)]
+    Disk(#[from] crate::disks::DiskError),
+    /// Arguments that parse but do not go together.
+    #[error("{0}")]
+    Usage(String),
+    /// A background VM did not start (its own error was printed above).
+    #[error("{name} did not start")]
+    BackgroundStart {
+        /// The VM.
+        name: String,
+    },
     /// Writing the report failed.
     #[error("cannot write to stdout")]
     Stdout(#[source] std::io::Error),
@@ -105,6 +123,9 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
 
 fn exit_code(err: &CliError) -> u8 {
     match err {
+        CliError::Nix(crate::nix::NixError::Interrupted { signal }) => {
+            128u8.wrapping_add(*signal as u8)
+        }
         CliError::Vmm(nvmm_vmm::Error::Guest(_)) => EXIT_GUEST_FAILED,
         _ => EXIT_ERROR,
     }
@@ -117,7 +138,8 @@ fn hint(err: &CliError) -> Option<String> {
         CliError::Vmm(err) => err,
         CliError::Net(net) if net.is_permission_denied() => {
             return Some(
-                "VM networking needs root or CAP_NET_ADMIN; run without --net to boot without it"
+                "VM networking needs root or CAP_NET_ADMIN: run nvmm as root (only `nvmm run` \
+                 without --net boots without a network)"
                     .into(),
             );
         }
@@ -142,6 +164,10 @@ fn hint(err: &CliError) -> Option<String> {
         }
         CliError::Background(crate::background::BackgroundError::NotRunning(_)) => {
             return Some("start one with `nvmm run -d --name NAME ...`".into());
+        }
+        CliError::Nix(nix) => return nix_hint(nix),
+        CliError::Runner(_) => {
+            return Some("docs/runner.md describes the runner directory and nvmm.json".into());
         }
         CliError::Forward(ForwardError::PortInUse { .. }) => {
             return Some("pick another host port in --forward, or 0 for a free one".into());
@@ -234,6 +260,37 @@ fn hint(err: &CliError) -> Option<String> {
         _ => return None,
     };
     Some(hint)
+}
+
+fn nix_hint(err: &crate::nix::NixError) -> Option<String> {
+    use crate::nix::NixError;
+    Some(match err {
+        NixError::NotInstalled => "install Nix (Debian: `apt-get install nix-bin`; elsewhere see \
+             https://nixos.org/download), or boot a runner directory with `nvmm boot --runner DIR`"
+            .into(),
+        NixError::TooOld { .. } => "install Nix 2.4 or later".into(),
+        NixError::FlakeNotFound { .. } => {
+            "run nvmm in the directory of your flake.nix, or point --flake at it".into()
+        }
+        NixError::NoConfigurations { .. } => "define nixosConfigurations.NAME = \
+             nixpkgs.lib.nixosSystem { ... } in flake.nix (nvmm's flake has an example: \
+             templates/default)"
+            .into(),
+        NixError::NoSuchConfiguration { .. } => match err.suggestion() {
+            Some(name) => format!("did you mean `nvmm boot {name}`?"),
+            None => "`nvmm list` shows the flake's configurations".into(),
+        },
+        NixError::Evaluation { .. } => "that is nix's message about the configuration; \
+             `nix eval --show-trace FLAKE#nixosConfigurations.NAME.config.system.build.toplevel` \
+             prints the whole trace"
+            .into(),
+        NixError::Build {
+            derivation: Some(drv),
+            ..
+        } => format!("`nix log {drv}` shows the whole build log"),
+        NixError::Build { .. } => "run again with -L to see the build logs".into(),
+        _ => return None,
+    })
 }
 
 #[cfg(test)]

@@ -2,12 +2,16 @@
 
 mod args;
 mod background;
+mod boot;
 mod disks;
 mod doctor;
 mod exit;
 mod logger;
 mod net;
+mod nix;
 mod run;
+mod runner;
+mod ssh;
 mod terminal;
 
 use std::process::ExitCode;
@@ -21,6 +25,8 @@ fn main() -> ExitCode {
     terminal::install_panic_hook();
     let result = match cli.command {
         args::Command::Run(run) => run::run(&run),
+        args::Command::Boot(boot) => boot::boot(&boot),
+        args::Command::List(list) => boot::list(&list),
         args::Command::Doctor(doctor) => doctor::doctor(&doctor),
         args::Command::Console(vm) => run::console(&vm.name),
         args::Command::Logs(logs) => run::logs(&logs),

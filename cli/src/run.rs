@@ -12,42 +12,122 @@ use crate::terminal::{self, RawTerminal};
 /// The guest's ssh port, forwarded for every VM on a network.
 const GUEST_SSH_PORT: u16 = 22;
 
-/// Boots the kernel and serves it until it ends.
+/// `nvmm run`: boots the kernel and serves it until it ends.
 pub fn run(args: &RunArgs) -> Result<Outcome, CliError> {
-    let mut config = args.vm_config();
-    let mut background = None;
-    if args.detach {
-        let name = args.vm_name();
-        let (runtime_dir, _) = host::state_dirs();
-        let vm_dir = VmDir::new(&runtime_dir, &name);
-        // Before anything starts a thread: the daemon is forked here.
-        match background::daemonize(&vm_dir, &name)? {
-            Daemon::Parent(started) => {
-                if started {
-                    eprintln!(
-                        "nvmm: {name} runs in the background; `nvmm console {name}` attaches, \
-                         `nvmm logs {name}` shows its console"
-                    );
-                }
-                return Ok(Outcome::Done(started));
-            }
-            Daemon::Child(ready) => {
-                config.console.backend = vm_dir.console_backend();
-                config.console.stdin = false;
-                background = Some((ready, vm_dir.pid_file()));
-            }
-        }
-    }
-    // On an error below, dropping it still stops forwarding and removes the tap.
-    let network = match &args.net {
-        Some(network) => Some(join_network(args, network, &mut config)?),
-        None => None,
+    let launch = Launch {
+        name: args.vm_name(),
+        config: args.vm_config(),
+        detach: args.detach,
+        network: args.net.as_ref().map(|network| NetworkRequest {
+            config: NetworkConfig {
+                name: network.clone(),
+                subnet: args.subnet,
+            },
+            forwards: args.forward.clone(),
+        }),
+        cmdline_network: true,
+        system_disks: None,
     };
-    let exit = boot_and_serve(&config, background.as_mut().map(|(ready, _)| ready))?;
-    if let Some(network) = network {
-        network.leave();
+    Ok(match launch.start()? {
+        Launched::InBackground(started) => Outcome::Done(started),
+        Launched::Ended(outcome) => outcome,
+    })
+}
+
+/// One VM to start: what `nvmm run` and `nvmm boot` hand over once they know what to boot.
+#[derive(Debug)]
+pub struct Launch {
+    /// The VM's name.
+    pub name: String,
+    /// The machine.
+    pub config: nvmm_vmm::VmConfig,
+    /// Run in the background.
+    pub detach: bool,
+    /// The network to join, if any.
+    pub network: Option<NetworkRequest>,
+    /// Tell the guest its network on the kernel command line (`nvmm_ip=` …).
+    pub cmdline_network: bool,
+    /// The store, overlay and seed disks of a system booted with `nvmm boot`.
+    pub system_disks: Option<crate::boot::SystemDisks>,
+}
+
+/// A network to join and the ports to forward into the VM.
+#[derive(Debug, Clone)]
+pub struct NetworkRequest {
+    /// Which network.
+    pub config: NetworkConfig,
+    /// Ports beyond ssh.
+    pub forwards: Vec<ForwardSpec>,
+}
+
+/// What [`Launch::start`] returns in the process that called it.
+#[derive(Debug)]
+pub enum Launched {
+    /// The VM was handed to a background process; `true` if it started.
+    InBackground(bool),
+    /// The VM ran in this process (the foreground, or the background process itself) and ended.
+    Ended(Outcome),
+}
+
+impl Launch {
+    /// Starts the VM: in a background process (`detach`), else here, attached to this terminal.
+    pub fn start(self) -> Result<Launched, CliError> {
+        let Launch {
+            name,
+            mut config,
+            detach,
+            network,
+            cmdline_network,
+            system_disks,
+        } = self;
+        let (runtime_dir, state_dir) = host::state_dirs();
+        let vm_dir = VmDir::new(&runtime_dir, &name);
+        let mut background = None;
+        // Held while the VM runs: the pid file says who serves this name.
+        let _pid_file;
+        if detach {
+            // Before anything starts a thread: the daemon is forked here.
+            match background::daemonize(&vm_dir, &name)? {
+                Daemon::Parent(started) => {
+                    if started {
+                        eprintln!(
+                            "nvmm: {name} runs in the background; `nvmm console {name}` attaches, \
+                             `nvmm logs {name}` shows its console"
+                        );
+                    }
+                    return Ok(Launched::InBackground(started));
+                }
+                Daemon::Child(ready) => {
+                    config.console.backend = vm_dir.console_backend();
+                    config.console.stdin = false;
+                    _pid_file = vm_dir.pid_file();
+                    background = Some(ready);
+                }
+            }
+        } else {
+            _pid_file = background::claim(&vm_dir, &name)?;
+        }
+        // On an error below, dropping it still stops forwarding and removes the tap.
+        let network = match &network {
+            Some(request) => Some(join_network(&name, request, cmdline_network, &mut config)?),
+            None => None,
+        };
+        // Removed when the VM ends (fresh overlay, seed), after the VM has let go of them.
+        let _disks = match &system_disks {
+            Some(disks) => Some(disks.attach(
+                &name,
+                network.as_ref().map(|n| &n.membership),
+                (&runtime_dir, &state_dir),
+                &mut config,
+            )?),
+            None => None,
+        };
+        let exit = boot_and_serve(&config, background.as_mut())?;
+        if let Some(network) = network {
+            network.leave();
+        }
+        Ok(Launched::Ended(Outcome::Vm(exit)))
     }
-    Ok(Outcome::Vm(exit))
 }
 
 fn boot_and_serve(
@@ -122,32 +202,30 @@ impl VmNetwork {
     }
 }
 
-/// Joins `network`, adds the tap to `config`, tells the guest its address, name and peers on
-/// the command line, and starts the port forwarders.
+/// Joins the requested network, adds the tap to `config`, tells the guest its address, name
+/// and peers on the command line (`cmdline_network`), and starts the port forwarders.
 fn join_network(
-    args: &RunArgs,
-    network: &str,
+    vm_name: &str,
+    request: &NetworkRequest,
+    cmdline_network: bool,
     config: &mut nvmm_vmm::VmConfig,
 ) -> Result<VmNetwork, CliError> {
-    let vm_name = args.vm_name();
     let (runtime_dir, state_dir) = host::state_dirs();
     host::reap_stale(&runtime_dir)?;
-    let network_config = NetworkConfig {
-        name: network.to_owned(),
-        subnet: args.subnet,
-    };
     let (network, membership) = Network::join(
-        &network_config,
+        &request.config,
         &runtime_dir,
         &state_dir,
-        &vm_name,
+        vm_name,
         std::process::id(),
     )?;
     config.nets.push(nvmm_vmm::NetConfig {
         tap: membership.tap.clone(),
         mac: membership.mac,
     });
-    config.cmdline = format!("{} {}", guest_network_cmdline(&membership), config.cmdline);
+    if cmdline_network {
+        config.cmdline = format!("{} {}", guest_network_cmdline(&membership), config.cmdline);
+    }
 
     let guest = IpAddr::V4(membership.address);
     let ssh = Forwarder::start(
@@ -155,7 +233,7 @@ fn join_network(
         SocketAddr::new(guest, GUEST_SSH_PORT),
     )?;
     let mut forwarders = vec![ssh];
-    for spec in &args.forward {
+    for spec in &request.forwards {
         forwarders.push(Forwarder::start(spec.listen_addr(), spec.target(guest))?);
     }
     eprintln!(
@@ -174,7 +252,7 @@ fn join_network(
         );
     }
     let record =
-        ForwardRecord::write(&runtime_dir, &vm_name, &forwarders).map_err(CliError::Record)?;
+        ForwardRecord::write(&runtime_dir, vm_name, &forwarders).map_err(CliError::Record)?;
     Ok(VmNetwork {
         record,
         forwarders,

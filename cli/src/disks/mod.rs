@@ -8,8 +8,6 @@
 //!    device, so the guest reads it with a plain `tar` ([`SeedDisk`]).
 //!
 //! Nothing here knows about KVM or virtio: these functions prepare files and hand back paths.
-// Used by `nvmm boot` (the Nix issue); no command calls this module yet.
-#![allow(dead_code)]
 
 mod json;
 mod overlay;
@@ -21,11 +19,8 @@ use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-// The API `nvmm boot` will use; unused until then, like the rest of this module.
-#[allow(unused_imports)]
-pub use overlay::{DEFAULT_OVERLAY_SIZE, KeptDiskWarning, OverlayDisk};
-#[allow(unused_imports)]
-pub use seed::{SEED_MTIME, SeedDisk, SeedDiskBuilder};
+pub use overlay::{DEFAULT_OVERLAY_SIZE, OverlayDisk};
+pub use seed::SeedDisk;
 
 /// Disk images are sized in whole 4 KiB blocks: a block device's size must be a multiple of
 /// its block size, and 4 KiB is the largest logical block size a guest may pick.
@@ -252,7 +247,7 @@ fn write_atomically(path: &Path, bytes: &[u8], mode: u32, sync: bool) -> io::Res
 }
 
 #[cfg(test)]
-mod test_util {
+pub mod test_util {
     use std::path::{Path, PathBuf};
     use std::sync::atomic::{AtomicU64, Ordering};
 

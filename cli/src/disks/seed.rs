@@ -43,6 +43,7 @@ impl SeedDisk {
     }
 
     /// The image: the archive, then zeros up to a multiple of 4096 bytes.
+    #[cfg(test)]
     pub fn as_bytes(&self) -> &[u8] {
         &self.image
     }
@@ -127,6 +128,7 @@ impl SeedDiskBuilder {
     }
 
     /// [`build`](SeedDiskBuilder::build), then [`SeedDisk::write_to`].
+    #[cfg(test)]
     pub fn write_to(&self, path: &Path) -> Result<(), DiskError> {
         self.build()?.write_to(path)
     }

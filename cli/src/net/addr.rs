@@ -191,6 +191,12 @@ fn name_hash(parts: &[&str]) -> u64 {
     hash
 }
 
+/// `52:56:0a:0b:0c:0d`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    let bytes: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
+    bytes.join(":")
+}
+
 /// A locally administered (bit 1 of the first byte set), unicast (bit 0 clear) MAC address
 /// from a hash: the first byte is always `x2`.
 fn mac_from_hash(hash: u64) -> [u8; 6] {

@@ -397,6 +397,33 @@ impl Network {
     }
 }
 
+impl Network {
+    /// Gives each of `vm_names` its address before any of them joins, so VMs booted together
+    /// all find each other in [`Membership::hosts`]. Creates no device; a later
+    /// [`Network::join`] of each name finds its address waiting.
+    pub fn reserve(
+        config: &NetworkConfig,
+        runtime_dir: &Path,
+        state_dir: &Path,
+        vm_names: &[String],
+    ) -> Result<(), NetError> {
+        for vm_name in vm_names {
+            check_names(&config.name, vm_name)?;
+        }
+        let paths = NetworkPaths::new(runtime_dir, state_dir, &config.name);
+        let _lock = lock_network(&paths)?;
+        let mut nl = Netlink::open()?;
+        let live = reap_members(&mut nl, &paths, &config.name)?;
+        let bridge = existing_bridge(&mut nl, &config.name, !live.is_empty())?;
+        let subnet = choose_subnet(&mut nl, &paths, state_dir, config, bridge.as_ref())?;
+        write_atomically(&paths.subnet_file(), &format!("{subnet}\n"))?;
+        for vm_name in vm_names {
+            assign_address(&paths, &config.name, vm_name, &subnet, &live)?;
+        }
+        Ok(())
+    }
+}
+
 impl Membership {
     /// Leaves the network: deletes the tap and the member file, then the bridge if no running
     /// VM is left.

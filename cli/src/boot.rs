@@ -1,0 +1,401 @@
+//! `nvmm boot` and `nvmm list`: from configuration names in a flake (or a runner directory) to
+//! running VMs on one network.
+//!
+//! The recipe: build every runner (nix.rs) → read each `nvmm.json` (runner.rs) → give every
+//! name its address first, so VMs booted together know each other → start the background VMs →
+//! the first one (unless `-d`) on this terminal. Each VM's own process makes its disks: the
+//! store image read-only, a fresh overlay (or the kept one), and the seed (docs/runner.md).
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::args::{BootArgs, ListArgs};
+use crate::background::VmDir;
+use crate::disks::{self, DiskError, OverlayDisk, SeedDisk};
+use crate::exit::{CliError, Outcome, error_chain};
+use crate::net::addr::format_mac;
+use crate::net::host::{self, Membership, Network, NetworkConfig};
+use crate::nix::{FlakeRef, Nix, NixLog};
+use crate::run::{Launch, Launched, NetworkRequest};
+use crate::runner::{Runner, RunnerConsole, RunnerDiscovery};
+use crate::ssh;
+
+/// The name the host has in every guest's hosts table.
+pub const HOST_NAME_IN_GUEST: &str = "nvmm-host";
+/// Disk serials, as the guest module finds the disks (`/dev/disk/by-id/virtio-SERIAL`).
+const STORE_SERIAL: &str = "nvmm-store";
+const OVERLAY_SERIAL: &str = "nvmm-overlay";
+const SEED_SERIAL: &str = "nvmm-seed";
+/// The seed archive's format version (docs/runner.md).
+const SEED_VERSION: &str = "1";
+
+/// `nvmm boot`.
+pub fn boot(args: &BootArgs) -> Result<Outcome, CliError> {
+    if !args.forward.is_empty() && args.names.len() > 1 {
+        return Err(CliError::Usage(
+            "--forward applies to one VM: boot with one NAME, or use nvmm.forwardPorts".into(),
+        ));
+    }
+    let targets = resolve_targets(args)?;
+    let (runtime_dir, state_dir) = host::state_dirs();
+    let network = NetworkConfig {
+        name: args.net.clone(),
+        subnet: args.subnet,
+    };
+    let names: Vec<String> = targets.iter().map(|(name, _)| name.clone()).collect();
+    Network::reserve(&network, &runtime_dir, &state_dir, &names)?;
+
+    // Background VMs first, so that the one on this terminal starts among running peers.
+    let (attached, background) = match args.detach {
+        true => (None, &targets[..]),
+        false => (Some(&targets[0]), &targets[1..]),
+    };
+    for (name, runner) in background {
+        match launch(args, name, runner, &network, true)?.start()? {
+            Launched::InBackground(true) => {}
+            Launched::InBackground(false) => {
+                return Err(CliError::BackgroundStart { name: name.clone() });
+            }
+            // This is the background process; its VM has ended.
+            Launched::Ended(outcome) => return Ok(outcome),
+        }
+    }
+    match attached {
+        Some((name, runner)) => match launch(args, name, runner, &network, false)?.start()? {
+            Launched::Ended(outcome) => Ok(outcome),
+            Launched::InBackground(started) => Ok(Outcome::Done(started)),
+        },
+        None => Ok(Outcome::Done(true)),
+    }
+}
+
+/// Every (VM name, runner) to boot, built by nix unless `--runner` names one.
+fn resolve_targets(args: &BootArgs) -> Result<Vec<(String, Runner)>, CliError> {
+    if let Some(dir) = &args.runner {
+        let runner = Runner::load(dir)?;
+        let name = args
+            .name
+            .clone()
+            .or_else(|| runner.name.clone())
+            .or_else(|| {
+                dir.canonicalize()
+                    .ok()?
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+            })
+            .unwrap_or_else(|| "vm".into());
+        return Ok(vec![(name, runner)]);
+    }
+    let (flake, names) = split_names(&args.flake, &args.names)?;
+    let nix = Nix::detect(match args.print_build_logs {
+        true => NixLog::BuildLogs,
+        false => NixLog::Progress,
+    })?;
+    let (_, state_dir) = host::state_dirs();
+    let module = crate::nix::guest_module(&state_dir)?;
+    let runners = nix.build_runners(&flake, &names, &module)?;
+    names
+        .into_iter()
+        .zip(runners)
+        .map(|(name, dir)| Ok((name, Runner::load(&dir)?)))
+        .collect()
+}
+
+/// `--flake REF` and `NAME...`, where a name may be `REF#NAME` (all from one flake). Duplicate
+/// names are refused: one name is one VM.
+fn split_names(flake: &str, names: &[String]) -> Result<(FlakeRef, Vec<String>), CliError> {
+    let mut reference = None;
+    let mut plain = Vec::new();
+    for name in names {
+        let (this_flake, name) = match name.rsplit_once('#') {
+            Some((flake, name)) => (flake, name),
+            None => (flake, name.as_str()),
+        };
+        if reference.get_or_insert(this_flake) != &this_flake {
+            return Err(CliError::Usage(
+                "all names must come from one flake (boot the others with another command)".into(),
+            ));
+        }
+        if plain.iter().any(|n| n == name) {
+            return Err(CliError::Usage(format!("{name} is named twice")));
+        }
+        plain.push(name.to_owned());
+    }
+    let reference = FlakeRef::resolve(reference.unwrap_or(flake))?;
+    Ok((reference, plain))
+}
+
+/// The [`Launch`] of one VM: the runner's machine, the flags' overrides.
+fn launch(
+    args: &BootArgs,
+    name: &str,
+    runner: &Runner,
+    network: &NetworkConfig,
+    detach: bool,
+) -> Result<Launch, CliError> {
+    if let Some(version) = &runner.module_version
+        && version != env!("CARGO_PKG_VERSION")
+    {
+        log::warn!(
+            "{name} was built by nvmm guest module {version}; this is nvmm {}",
+            env!("CARGO_PKG_VERSION")
+        );
+    }
+    let mut forwards = runner.forwards.clone();
+    forwards.extend(args.forward.iter().copied());
+    let config = nvmm_vmm::VmConfig {
+        kernel: runner.kernel.clone(),
+        initrd: runner.initrd.clone(),
+        cmdline: runner.cmdline.clone(),
+        mem_mib: args.mem.unwrap_or(runner.memory_mib),
+        vcpus: args.cpus.unwrap_or(runner.vcpus),
+        cpuid: nvmm_vmm::CpuidPolicy::default(),
+        console: nvmm_vmm::ConsoleConfig {
+            stdin: true,
+            escape: true,
+            virtio: runner.console == RunnerConsole::Virtio,
+            backend: nvmm_vmm::ConsoleBackend::Terminal,
+        },
+        disks: Vec::new(),
+        nets: Vec::new(),
+        virtio_discovery: match runner.virtio_discovery {
+            RunnerDiscovery::Cmdline => nvmm_vmm::VirtioDiscovery::Cmdline,
+            RunnerDiscovery::Acpi => nvmm_vmm::VirtioDiscovery::Acpi,
+            RunnerDiscovery::Both => nvmm_vmm::VirtioDiscovery::Both,
+        },
+    };
+    Ok(Launch {
+        name: name.to_owned(),
+        config,
+        detach,
+        network: Some(NetworkRequest {
+            config: network.clone(),
+            forwards,
+        }),
+        cmdline_network: runner.cmdline_network,
+        system_disks: Some(SystemDisks {
+            store_image: runner.store_image.clone(),
+            overlay_bytes: runner.disk_size_mib << 20,
+            keep: args.keep,
+            system: runner.dir.to_string_lossy().into_owned(),
+        }),
+    })
+}
+
+/// The disks of a booted system, made by the VM's own process.
+#[derive(Debug, Clone)]
+pub struct SystemDisks {
+    /// The read-only store image.
+    pub store_image: Option<PathBuf>,
+    /// The writable disk's size.
+    pub overlay_bytes: u64,
+    /// Keep the writable disk across boots (`--keep`).
+    pub keep: bool,
+    /// What the kept disk's record names as its system (the runner).
+    pub system: String,
+}
+
+/// Files that live as long as the VM: dropped after it ends.
+#[derive(Debug)]
+pub struct AttachedDisks {
+    _overlay: OverlayDisk,
+    _seed: RemoveOnDrop,
+}
+
+#[derive(Debug)]
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl SystemDisks {
+    /// Makes the overlay and seed disks of VM `name` and adds the three disks to `config`, in
+    /// the order and with the serials of docs/runner.md.
+    pub fn attach(
+        &self,
+        name: &str,
+        membership: Option<&Membership>,
+        (runtime_dir, state_dir): (&Path, &Path),
+        config: &mut nvmm_vmm::VmConfig,
+    ) -> Result<AttachedDisks, CliError> {
+        let disk = |path: PathBuf, read_only: bool, serial: &str| nvmm_vmm::DiskConfig {
+            path,
+            read_only,
+            serial: Some(serial.to_owned()),
+        };
+        if let Some(store) = &self.store_image {
+            let store = disks::open_store_image(store)?;
+            config.disks.push(disk(store, true, STORE_SERIAL));
+        }
+        let overlay = if self.keep {
+            let (overlay, warning) = OverlayDisk::keep(
+                &state_dir.join("vms"),
+                name,
+                self.overlay_bytes,
+                &self.system,
+            )?;
+            if let Some(warning) = warning {
+                log::warn!("{warning}");
+            }
+            overlay
+        } else {
+            OverlayDisk::create_fresh(&runtime_dir.join("vms"), name, self.overlay_bytes)?
+        };
+        log::info!(
+            "{name}: {} writable disk {} ({} MiB)",
+            if overlay.is_kept() { "kept" } else { "fresh" },
+            overlay.path().display(),
+            overlay.size_bytes() >> 20
+        );
+        config
+            .disks
+            .push(disk(overlay.path().to_path_buf(), false, OVERLAY_SERIAL));
+        let seed_path = runtime_dir.join("vms").join(name).join("seed.img");
+        seed_disk(name, membership, state_dir)?.write_to(&seed_path)?;
+        let seed = RemoveOnDrop(seed_path.clone());
+        config.disks.push(disk(seed_path, true, SEED_SERIAL));
+        Ok(AttachedDisks {
+            _overlay: overlay,
+            _seed: seed,
+        })
+    }
+}
+
+/// The seed archive of VM `name` (docs/runner.md). Without `ssh-keygen` the ssh files are left
+/// out, with a warning: the VM still boots, only `nvmm ssh` cannot log in.
+fn seed_disk(
+    name: &str,
+    membership: Option<&Membership>,
+    state_dir: &Path,
+) -> Result<SeedDisk, DiskError> {
+    let mut seed = SeedDisk::builder();
+    seed.dir("nvmm")
+        .file("nvmm/version", format!("{SEED_VERSION}\n"), 0o644)
+        .file("nvmm/hostname", format!("{name}\n"), 0o644);
+    if let Some(membership) = membership {
+        seed.file("nvmm/network", network_file(membership), 0o644)
+            .file("nvmm/hosts", hosts_file(membership), 0o644);
+    }
+    match ssh::host_key(state_dir, name) {
+        Ok(key) => {
+            seed.file("nvmm/ssh_host_ed25519_key", &key.private, 0o600)
+                .file(
+                    "nvmm/ssh_host_ed25519_key.pub",
+                    format!("{}\n", key.public),
+                    0o644,
+                );
+        }
+        Err(err) => log::warn!("{name} gets no ssh host key: {}", error_chain(&err)),
+    }
+    match ssh::client_key(state_dir) {
+        Ok(key) => {
+            seed.file("nvmm/authorized_keys", format!("{}\n", key.public), 0o644);
+        }
+        Err(err) => log::warn!("{name} gets no authorized ssh key: {}", error_chain(&err)),
+    }
+    seed.build()
+}
+
+/// `nvmm/network`: which interface, its address, the gateway.
+fn network_file(membership: &Membership) -> String {
+    format!(
+        "MAC={}\nADDRESS={}/{}\nGATEWAY={}\n",
+        format_mac(&membership.mac),
+        membership.address,
+        membership.prefix_len,
+        membership.gateway
+    )
+}
+
+/// `nvmm/hosts`: the host, then every VM of the network.
+fn hosts_file(membership: &Membership) -> String {
+    let mut text = format!("{} {HOST_NAME_IN_GUEST}\n", membership.gateway);
+    for (name, address) in &membership.hosts {
+        text.push_str(&format!("{address} {name}\n"));
+    }
+    text
+}
+
+/// One line of `nvmm list --json`.
+#[derive(Debug, Serialize)]
+struct ListedConfiguration {
+    name: String,
+    running: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pid: Option<u32>,
+}
+
+/// `nvmm list`.
+pub fn list(args: &ListArgs) -> Result<Outcome, CliError> {
+    let flake = FlakeRef::resolve(&args.flake)?;
+    let names = Nix::detect(NixLog::Progress)?.configurations(&flake)?;
+    let (runtime_dir, _) = host::state_dirs();
+    let listed: Vec<ListedConfiguration> = names
+        .into_iter()
+        .map(|name| {
+            let pid = VmDir::new(&runtime_dir, &name).running_pid();
+            ListedConfiguration {
+                name,
+                running: pid.is_some(),
+                pid,
+            }
+        })
+        .collect();
+    let text = if args.json {
+        let mut json = serde_json::to_string_pretty(&listed)
+            .map_err(|e| CliError::Stdout(std::io::Error::other(e)))?;
+        json.push('\n');
+        json
+    } else if listed.is_empty() {
+        format!("flake {flake} has no nixosConfigurations entries\n")
+    } else {
+        let width = listed
+            .iter()
+            .map(|c| c.name.len())
+            .max()
+            .unwrap_or(0)
+            .max(4);
+        let mut text = format!("{:width$}  STATUS\n", "NAME");
+        for configuration in &listed {
+            let status = match configuration.pid {
+                Some(pid) => format!("running (pid {pid})"),
+                None => "-".to_owned(),
+            };
+            text.push_str(&format!("{:width$}  {status}\n", configuration.name));
+        }
+        text
+    };
+    use std::io::Write;
+    std::io::stdout()
+        .write_all(text.as_bytes())
+        .map_err(CliError::Stdout)?;
+    Ok(Outcome::Done(true))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_may_carry_their_flake() {
+        let dir = crate::disks::test_util::TempDir::new("flake");
+        std::fs::write(dir.path().join("flake.nix"), "{}").unwrap();
+        let flake = dir.path().to_string_lossy().into_owned();
+        let (reference, names) = split_names(
+            "/nonexistent",
+            &[format!("{flake}#server"), format!("{flake}#client")],
+        )
+        .unwrap();
+        assert_eq!(reference.as_str(), flake);
+        assert_eq!(names, ["server", "client"]);
+
+        let (_, names) = split_names(&flake, &["server".into()]).unwrap();
+        assert_eq!(names, ["server"]);
+        assert!(split_names(&flake, &["a".into(), "a".into()]).is_err());
+        assert!(split_names(&flake, &["a".into(), format!("{flake}/x#b")]).is_err());
+    }
+}
