@@ -1,0 +1,363 @@
+//! `nvmm boot` and `nvmm list` end to end, through the real nix, on the stand-in flake in
+//! tests/flakes/guests (no nixpkgs here): its configurations' runners boot nvmm's test guest.
+//! The VMs join networks inside namespaces of their own, with private state directories.
+
+mod common;
+mod netns;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{GUEST, NVMM, Output, fnv1a64, kvm_or_skip, run, wait_with_guard};
+use netns::Netns;
+
+/// A temporary copy of tests/flakes/guests with the test guest and a settings.json.
+struct FakeFlake {
+    dir: PathBuf,
+}
+
+impl FakeFlake {
+    fn new(settings: &str) -> FakeFlake {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("nvmm-flake-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("state")).unwrap();
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/flakes/guests");
+        std::fs::create_dir_all(dir.join("flake")).unwrap();
+        std::fs::copy(fixture.join("flake.nix"), dir.join("flake/flake.nix")).unwrap();
+        std::fs::copy(GUEST, dir.join("flake/guest.elf")).unwrap();
+        let flake = FakeFlake { dir };
+        flake.set(settings);
+        flake
+    }
+
+    /// Changes the configurations (as a user edits their flake).
+    fn set(&self, settings: &str) {
+        std::fs::write(self.dir.join("flake/settings.json"), settings).unwrap();
+    }
+
+    fn path(&self) -> String {
+        self.dir.join("flake").to_string_lossy().into_owned()
+    }
+
+    /// `nvmm ARGS…` with this test's state directories and nix kept off the network.
+    fn nvmm(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(NVMM);
+        self.prepare(&mut cmd, args);
+        cmd
+    }
+
+    /// Like [`nvmm`](Self::nvmm), inside `ns`.
+    fn nvmm_in(&self, ns: &Netns, args: &[&str]) -> Command {
+        let mut cmd = ns.command(NVMM);
+        self.prepare(&mut cmd, args);
+        cmd
+    }
+
+    fn prepare(&self, cmd: &mut Command, args: &[&str]) {
+        require_nix();
+        cmd.args(args)
+            .current_dir(self.dir.join("flake"))
+            .env("NVMM_RUNTIME_DIR", self.dir.join("state/run"))
+            .env("NVMM_STATE_DIR", self.dir.join("state/lib"))
+            // No binary cache can be reached from the test hosts; asking costs seconds.
+            .env("NIX_CONFIG", "substituters =")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+    }
+
+    /// The pid of the background nvmm serving `name`, if any.
+    fn background_pid(&self, name: &str) -> Option<i32> {
+        let pid = std::fs::read_to_string(self.dir.join(format!("state/run/vms/{name}/pid")));
+        pid.ok()?.trim().parse().ok()
+    }
+
+    /// Stops the background VM `name` and waits until its nvmm is gone.
+    fn stop(&self, name: &str) {
+        let Some(pid) = self.background_pid(name) else {
+            return;
+        };
+        // SAFETY: kill only sends a signal.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // SAFETY: signal 0 only checks that the process exists.
+        while unsafe { libc::kill(pid, 0) } == 0 {
+            assert!(Instant::now() < deadline, "background {name} did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for FakeFlake {
+    fn drop(&mut self) {
+        for name in ["server", "client", "alpha", "beta"] {
+            self.stop(name);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn require_nix() {
+    let found = Command::new("nix")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "these tests drive the real nix: run scripts/test, which installs nix-bin"
+    );
+}
+
+fn ok(out: &Output) {
+    assert_eq!(out.code(), Some(0), "{out:?}");
+}
+
+#[test]
+fn list_shows_the_configurations() {
+    let flake = FakeFlake::new(
+        r#"{"systems": {"server": {"cmdline": ""}, "client": {"cmdline": ""}}}"#,
+    );
+    let out = run(flake.nvmm(&["list"]));
+    ok(&out);
+    assert_eq!(out.stdout, "NAME    STATUS\nclient  -\nserver  -\n", "{out:?}");
+
+    let out = run(flake.nvmm(&["list", "--json", "--flake", &flake.path()]));
+    ok(&out);
+    let listed: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(
+        listed,
+        serde_json::json!([{"name": "client", "running": false},
+                           {"name": "server", "running": false}])
+    );
+}
+
+#[test]
+fn two_configurations_booted_together_reach_each_other_by_name() {
+    if !kvm_or_skip("nix boot two") {
+        return;
+    }
+    let Some(ns) = Netns::new("nix boot two") else {
+        return;
+    };
+    let flake = FakeFlake::new(
+        r#"{"systems": {
+            "server": {"cmdline": "nvmm_test=net_echo echo_port=7", "memoryMiB": 64},
+            "client": {"cmdline": "nvmm_test=net_client connect=server:7 bytes=20000",
+                       "memoryMiB": 64}}}"#,
+    );
+    // The first name gets this terminal; the server runs in the background.
+    let out = wait_with_guard(
+        flake
+            .nvmm_in(&ns, &["boot", "client", "server"])
+            .spawn()
+            .unwrap(),
+    );
+    ok(&out);
+    assert!(
+        out.stdout.contains("net_client echoed bytes=20000 ok"),
+        "{out:?}"
+    );
+    for phase in ["evaluating client, server", "building client, server"] {
+        assert!(out.stderr.contains(phase), "no {phase:?}: {out:?}");
+    }
+    assert!(
+        out.stderr.contains("server runs in the background"),
+        "{out:?}"
+    );
+    // The client learnt the server's address from the reserved hosts table.
+    let server_line = out
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("nvmm: server is "))
+        .expect("server's address line");
+    let server_addr = server_line["nvmm: server is ".len()..]
+        .split('/')
+        .next()
+        .unwrap();
+    assert!(
+        out.stdout
+            .contains(&format!("net_client connected to={server_addr}:7")),
+        "{out:?}"
+    );
+
+    let out = run(flake.nvmm(&["list", "--json"]));
+    ok(&out);
+    let listed: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(listed[0]["running"], false, "{listed}");
+    assert_eq!(listed[1]["name"], "server", "{listed}");
+    assert_eq!(listed[1]["running"], true, "{listed}");
+    flake.stop("server");
+    assert_eq!(ns.links(), vec!["lo".to_owned()], "no tap, no bridge left");
+}
+
+/// The FNV-1a of `sectors` 512-byte sectors of `bytes`, zero-padded, as the guest prints it.
+fn sectors_hash(bytes: &[u8], sectors: usize) -> String {
+    let mut image = bytes.to_vec();
+    image.resize(sectors * 512, 0);
+    format!("{:016x}", fnv1a64(&image))
+}
+
+/// `nvmm-test: blk dev=N sectors=8 fnv1a64=H` → H.
+fn device_hash(stdout: &str, dev: usize) -> String {
+    let prefix = format!("nvmm-test: blk dev={dev} sectors=8 fnv1a64=");
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no hash of dev {dev} in {stdout}"))
+        .trim()
+        .to_owned()
+}
+
+fn blk_settings(scenario: &str, store: &str) -> String {
+    format!(
+        r#"{{"systems": {{"server": {{"cmdline": "nvmm_test={scenario} blk_sectors=0 hash_sectors=8",
+                                    "store": "{store}"}}}}}}"#
+    )
+}
+
+#[test]
+fn every_boot_runs_the_current_configuration_on_a_fresh_disk_unless_kept() {
+    if !kvm_or_skip("nix boot fresh") {
+        return;
+    }
+    let Some(ns) = Netns::new("nix boot fresh") else {
+        return;
+    };
+    let flake = FakeFlake::new(&blk_settings("blk", "first"));
+    // Boot 1 writes the pattern to sector 0 of every writable disk (the overlay).
+    let out = wait_with_guard(flake.nvmm_in(&ns, &["boot", "server"]).spawn().unwrap());
+    ok(&out);
+    for (dev, serial, ro) in [(0, "nvmm-store", 1), (1, "nvmm-overlay", 0), (2, "nvmm-seed", 1)] {
+        let line = out
+            .stdout
+            .lines()
+            .find(|l| l.contains(&format!("blk dev={dev} capacity=")))
+            .unwrap_or_else(|| panic!("no dev {dev}: {out:?}"));
+        assert!(line.contains(&format!(" ro={ro} ")), "{line}");
+        assert!(line.ends_with(&format!("serial=\"{serial}\"")), "{line}");
+    }
+    assert!(
+        out.stdout.contains("blk dev=1 wrote sectors=0 readback=ok"),
+        "{out:?}"
+    );
+
+    // The user changes the configuration: the next boot runs the new one, on a fresh disk.
+    flake.set(&blk_settings("blkhash", "second"));
+    let out = wait_with_guard(flake.nvmm_in(&ns, &["boot", "server"]).spawn().unwrap());
+    ok(&out);
+    assert_eq!(device_hash(&out.stdout, 0), sectors_hash(b"second", 8), "{out:?}");
+    assert_eq!(device_hash(&out.stdout, 1), sectors_hash(b"", 8), "fresh: {out:?}");
+
+    // With --keep, what boot 1 wrote is there at boot 2.
+    flake.set(&blk_settings("blk", "third"));
+    let out = wait_with_guard(
+        flake
+            .nvmm_in(&ns, &["boot", "server", "--keep"])
+            .spawn()
+            .unwrap(),
+    );
+    ok(&out);
+    flake.set(&blk_settings("blkhash", "fourth"));
+    let out = wait_with_guard(
+        flake
+            .nvmm_in(&ns, &["boot", "server", "--keep"])
+            .spawn()
+            .unwrap(),
+    );
+    ok(&out);
+    let pattern: Vec<u8> = (0..512u64).map(|i| (i as u8) ^ 0x5a).collect();
+    assert_eq!(device_hash(&out.stdout, 1), sectors_hash(&pattern, 8), "kept: {out:?}");
+}
+
+#[test]
+fn a_runner_directory_boots_without_nix() {
+    if !kvm_or_skip("runner dir") {
+        return;
+    }
+    let Some(ns) = Netns::new("runner dir") else {
+        return;
+    };
+    let flake = FakeFlake::new(r#"{"systems": {}}"#);
+    let runner = flake.dir.join("runner");
+    std::fs::create_dir_all(&runner).unwrap();
+    std::os::unix::fs::symlink(GUEST, runner.join("vmlinux")).unwrap();
+    std::fs::write(
+        runner.join("nvmm.json"),
+        r#"{"version": 1, "name": "handmade", "kernel": "vmlinux", "memoryMiB": 32,
+            "cmdline": "nvmm_test=blk", "console": "serial", "virtioDiscovery": "acpi"}"#,
+    )
+    .unwrap();
+    let mut cmd = ns.command(NVMM);
+    cmd.args(["boot", "--runner"])
+        .arg(&runner)
+        .env("NVMM_RUNTIME_DIR", flake.dir.join("state/run"))
+        .env("NVMM_STATE_DIR", flake.dir.join("state/lib"))
+        // Nothing here may need nix.
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin:/nonexistent")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = wait_with_guard(cmd.spawn().unwrap());
+    ok(&out);
+    assert!(out.stderr.contains("nvmm: handmade is "), "{out:?}");
+    // No store image: the overlay and the seed only.
+    assert!(out.stdout.contains("serial=\"nvmm-overlay\""), "{out:?}");
+    assert!(out.stdout.contains("serial=\"nvmm-seed\""), "{out:?}");
+    assert!(out.stdout.contains("nvmm-test: blk devices=2"), "{out:?}");
+}
+
+/// Runs `nvmm ARGS` expecting failure (before any VM or network), returns stderr.
+fn failure(flake: &FakeFlake, args: &[&str]) -> String {
+    let out = run(flake.nvmm(args));
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    assert_eq!(out.stderr.matches("error: ").count(), 1, "{out:?}");
+    out.stderr
+}
+
+#[test]
+fn nix_problems_are_clear_errors_with_hints() {
+    let flake = FakeFlake::new(
+        r#"{"systems": {
+            "server": {"cmdline": ""},
+            "client": {"cmdline": ""},
+            "broken": {"cmdline": "", "evalError": "nvmm-test: this configuration is broken"},
+            "failing": {"cmdline": "", "failBuild": true}}}"#,
+    );
+
+    let err = failure(&flake, &["boot", "sever"]);
+    assert!(err.contains("has no configuration \"sever\""), "{err}");
+    assert!(err.contains("(it has: broken, client, failing, server)"), "{err}");
+    assert!(err.contains("hint: did you mean `nvmm boot server`?"), "{err}");
+
+    let err = failure(&flake, &["boot", "broken"]);
+    assert!(err.contains("evaluating broken failed"), "{err}");
+    assert!(err.contains("nvmm-test: this configuration is broken"), "{err}");
+    assert!(err.contains("hint: that is nix's message"), "{err}");
+
+    let err = failure(&flake, &["boot", "failing"]);
+    assert!(err.contains("building failing failed"), "{err}");
+    assert!(err.contains("this build fails on purpose"), "{err}");
+    assert!(err.contains("hint: `nix log /nix/store/"), "{err}");
+    assert!(err.contains("-nvmm-runner-failing.drv` shows the whole build log"), "{err}");
+
+    let err = failure(&flake, &["boot", "server", "--flake", "/nonexistent"]);
+    assert!(err.contains("error: no flake.nix in /nonexistent"), "{err}");
+    assert!(err.contains("hint: run nvmm in the directory of your flake.nix"), "{err}");
+
+    flake.set(r#"{"noConfigurations": true}"#);
+    let err = failure(&flake, &["boot", "server"]);
+    assert!(err.contains("has no nixosConfigurations"), "{err}");
+    let err = failure(&flake, &["list"]);
+    assert!(err.contains("has no nixosConfigurations"), "{err}");
+
+    let mut cmd = flake.nvmm(&["boot", "server"]);
+    cmd.env("PATH", "/nonexistent");
+    let out = run(cmd);
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("error: nix is not installed"), "{out:?}");
+    assert!(out.stderr.contains("nvmm boot --runner DIR"), "{out:?}");
+}
