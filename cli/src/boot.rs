@@ -6,6 +6,7 @@
 //! the first one (unless `-d`) on this terminal. Each VM's own process makes its disks: the
 //! store image read-only, a fresh overlay (or the kept one), and the seed (docs/runner.md).
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -255,7 +256,8 @@ impl SystemDisks {
             .disks
             .push(disk(overlay.path().to_path_buf(), false, OVERLAY_SERIAL));
         let seed_path = runtime_dir.join("vms").join(name).join("seed.img");
-        seed_disk(name, membership, state_dir)?.write_to(&seed_path)?;
+        let network = membership.map(SeedNetwork::of);
+        seed_disk(name, network.as_ref(), state_dir)?.write_to(&seed_path)?;
         let seed = RemoveOnDrop(seed_path.clone());
         config.disks.push(disk(seed_path, true, SEED_SERIAL));
         Ok(AttachedDisks {
@@ -269,16 +271,16 @@ impl SystemDisks {
 /// out, with a warning: the VM still boots, only `nvmm ssh` cannot log in.
 fn seed_disk(
     name: &str,
-    membership: Option<&Membership>,
+    network: Option<&SeedNetwork>,
     state_dir: &Path,
 ) -> Result<SeedDisk, DiskError> {
     let mut seed = SeedDisk::builder();
     seed.dir("nvmm")
         .file("nvmm/version", format!("{SEED_VERSION}\n"), 0o644)
         .file("nvmm/hostname", format!("{name}\n"), 0o644);
-    if let Some(membership) = membership {
-        seed.file("nvmm/network", network_file(membership), 0o644)
-            .file("nvmm/hosts", hosts_file(membership), 0o644);
+    if let Some(network) = network {
+        seed.file("nvmm/network", network.network_file(), 0o644)
+            .file("nvmm/hosts", network.hosts_file(), 0o644);
     }
     match ssh::host_key(state_dir, name) {
         Ok(key) => {
@@ -300,24 +302,46 @@ fn seed_disk(
     seed.build()
 }
 
-/// `nvmm/network`: which interface, its address, the gateway.
-fn network_file(membership: &Membership) -> String {
-    format!(
-        "MAC={}\nADDRESS={}/{}\nGATEWAY={}\n",
-        format_mac(&membership.mac),
-        membership.address,
-        membership.prefix_len,
-        membership.gateway
-    )
+/// What the seed says about the VM's network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SeedNetwork {
+    mac: [u8; 6],
+    address: Ipv4Addr,
+    prefix_len: u8,
+    gateway: Ipv4Addr,
+    hosts: Vec<(String, Ipv4Addr)>,
 }
 
-/// `nvmm/hosts`: the host, then every VM of the network.
-fn hosts_file(membership: &Membership) -> String {
-    let mut text = format!("{} {HOST_NAME_IN_GUEST}\n", membership.gateway);
-    for (name, address) in &membership.hosts {
-        text.push_str(&format!("{address} {name}\n"));
+impl SeedNetwork {
+    fn of(membership: &Membership) -> SeedNetwork {
+        SeedNetwork {
+            mac: membership.mac,
+            address: membership.address,
+            prefix_len: membership.prefix_len,
+            gateway: membership.gateway,
+            hosts: membership.hosts.clone(),
+        }
     }
-    text
+
+    /// `nvmm/network`: which interface, its address, the gateway.
+    fn network_file(&self) -> String {
+        format!(
+            "MAC={}\nADDRESS={}/{}\nGATEWAY={}\n",
+            format_mac(&self.mac),
+            self.address,
+            self.prefix_len,
+            self.gateway
+        )
+    }
+
+    /// `nvmm/hosts`: the host, then every VM of the network.
+    fn hosts_file(&self) -> String {
+        let mut text = format!("{} {HOST_NAME_IN_GUEST}\n", self.gateway);
+        for (name, address) in &self.hosts {
+            text.push_str(&format!("{address} {name}\n"));
+        }
+        text
+    }
 }
 
 /// One line of `nvmm list --json`.
@@ -378,7 +402,60 @@ pub fn list(args: &ListArgs) -> Result<Outcome, CliError> {
 
 #[cfg(test)]
 mod tests {
+    use std::process::Command;
+
     use super::*;
+    use crate::disks::test_util::TempDir;
+
+    /// Unpacks the seed with the host's tar, as the guest does.
+    #[test]
+    fn the_seed_unpacks_with_tar_into_the_documented_files() {
+        let dir = TempDir::new("seed");
+        let network = SeedNetwork {
+            mac: [0x52, 0x56, 0, 1, 2, 0xab],
+            address: Ipv4Addr::new(10, 213, 0, 3),
+            prefix_len: 24,
+            gateway: Ipv4Addr::new(10, 213, 0, 1),
+            hosts: vec![
+                ("server".into(), Ipv4Addr::new(10, 213, 0, 2)),
+                ("client".into(), Ipv4Addr::new(10, 213, 0, 3)),
+            ],
+        };
+        let image = dir.path().join("seed.img");
+        seed_disk("client", Some(&network), &dir.path().join("state"))
+            .unwrap()
+            .write_to(&image)
+            .unwrap();
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        let status = Command::new("tar")
+            .arg("-xf")
+            .arg(&image)
+            .arg("-C")
+            .arg(&out)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let read = |name: &str| std::fs::read_to_string(out.join("nvmm").join(name)).unwrap();
+        assert_eq!(read("version"), "1\n");
+        assert_eq!(read("hostname"), "client\n");
+        assert_eq!(
+            read("network"),
+            "MAC=52:56:00:01:02:ab\nADDRESS=10.213.0.3/24\nGATEWAY=10.213.0.1\n"
+        );
+        assert_eq!(
+            read("hosts"),
+            "10.213.0.1 nvmm-host\n10.213.0.2 server\n10.213.0.3 client\n"
+        );
+        if Command::new("ssh-keygen").arg("-?").output().is_ok() {
+            use std::os::unix::fs::PermissionsExt;
+            let key = out.join("nvmm/ssh_host_ed25519_key");
+            let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+            assert!(read("ssh_host_ed25519_key.pub").contains("root@client"));
+            assert!(read("authorized_keys").starts_with("ssh-ed25519 "));
+        }
+    }
 
     #[test]
     fn names_may_carry_their_flake() {
