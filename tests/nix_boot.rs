@@ -2,6 +2,9 @@
 //! tests/flakes/guests (no nixpkgs here): its configurations' runners boot nvmm's test guest.
 //! The VMs join networks inside namespaces of their own, with private state directories.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 mod netns;
 
@@ -117,12 +120,14 @@ fn ok(out: &Output) {
 
 #[test]
 fn list_shows_the_configurations() {
-    let flake = FakeFlake::new(
-        r#"{"systems": {"server": {"cmdline": ""}, "client": {"cmdline": ""}}}"#,
-    );
+    let flake =
+        FakeFlake::new(r#"{"systems": {"server": {"cmdline": ""}, "client": {"cmdline": ""}}}"#);
     let out = run(flake.nvmm(&["list"]));
     ok(&out);
-    assert_eq!(out.stdout, "NAME    STATUS\nclient  -\nserver  -\n", "{out:?}");
+    assert_eq!(
+        out.stdout, "NAME    STATUS\nclient  -\nserver  -\n",
+        "{out:?}"
+    );
 
     let out = run(flake.nvmm(&["list", "--json", "--flake", &flake.path()]));
     ok(&out);
@@ -230,7 +235,11 @@ fn every_boot_runs_the_current_configuration_on_a_fresh_disk_unless_kept() {
     // Boot 1 writes the pattern to sector 0 of every writable disk (the overlay).
     let out = wait_with_guard(flake.nvmm_in(&ns, &["boot", "server"]).spawn().unwrap());
     ok(&out);
-    for (dev, serial, ro) in [(0, "nvmm-store", 1), (1, "nvmm-overlay", 0), (2, "nvmm-seed", 1)] {
+    for (dev, serial, ro) in [
+        (0, "nvmm-store", 1),
+        (1, "nvmm-overlay", 0),
+        (2, "nvmm-seed", 1),
+    ] {
         let line = out
             .stdout
             .lines()
@@ -248,8 +257,16 @@ fn every_boot_runs_the_current_configuration_on_a_fresh_disk_unless_kept() {
     flake.set(&blk_settings("blkhash", "second"));
     let out = wait_with_guard(flake.nvmm_in(&ns, &["boot", "server"]).spawn().unwrap());
     ok(&out);
-    assert_eq!(device_hash(&out.stdout, 0), sectors_hash(b"second", 8), "{out:?}");
-    assert_eq!(device_hash(&out.stdout, 1), sectors_hash(b"", 8), "fresh: {out:?}");
+    assert_eq!(
+        device_hash(&out.stdout, 0),
+        sectors_hash(b"second", 8),
+        "{out:?}"
+    );
+    assert_eq!(
+        device_hash(&out.stdout, 1),
+        sectors_hash(b"", 8),
+        "fresh: {out:?}"
+    );
 
     // With --keep, what boot 1 wrote is there at boot 2.
     flake.set(&blk_settings("blk", "third"));
@@ -269,7 +286,11 @@ fn every_boot_runs_the_current_configuration_on_a_fresh_disk_unless_kept() {
     );
     ok(&out);
     let pattern: Vec<u8> = (0..512u64).map(|i| (i as u8) ^ 0x5a).collect();
-    assert_eq!(device_hash(&out.stdout, 1), sectors_hash(&pattern, 8), "kept: {out:?}");
+    assert_eq!(
+        device_hash(&out.stdout, 1),
+        sectors_hash(&pattern, 8),
+        "kept: {out:?}"
+    );
 }
 
 #[test]
@@ -330,23 +351,38 @@ fn nix_problems_are_clear_errors_with_hints() {
 
     let err = failure(&flake, &["boot", "sever"]);
     assert!(err.contains("has no configuration \"sever\""), "{err}");
-    assert!(err.contains("(it has: broken, client, failing, server)"), "{err}");
-    assert!(err.contains("hint: did you mean `nvmm boot server`?"), "{err}");
+    assert!(
+        err.contains("(it has: broken, client, failing, server)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("hint: did you mean `nvmm boot server`?"),
+        "{err}"
+    );
 
     let err = failure(&flake, &["boot", "broken"]);
     assert!(err.contains("evaluating broken failed"), "{err}");
-    assert!(err.contains("nvmm-test: this configuration is broken"), "{err}");
+    assert!(
+        err.contains("nvmm-test: this configuration is broken"),
+        "{err}"
+    );
     assert!(err.contains("hint: that is nix's message"), "{err}");
 
     let err = failure(&flake, &["boot", "failing"]);
     assert!(err.contains("building failing failed"), "{err}");
     assert!(err.contains("this build fails on purpose"), "{err}");
     assert!(err.contains("hint: `nix log /nix/store/"), "{err}");
-    assert!(err.contains("-nvmm-runner-failing.drv` shows the whole build log"), "{err}");
+    assert!(
+        err.contains("-nvmm-runner-failing.drv` shows the whole build log"),
+        "{err}"
+    );
 
     let err = failure(&flake, &["boot", "server", "--flake", "/nonexistent"]);
     assert!(err.contains("error: no flake.nix in /nonexistent"), "{err}");
-    assert!(err.contains("hint: run nvmm in the directory of your flake.nix"), "{err}");
+    assert!(
+        err.contains("hint: run nvmm in the directory of your flake.nix"),
+        "{err}"
+    );
 
     flake.set(r#"{"noConfigurations": true}"#);
     let err = failure(&flake, &["boot", "server"]);
@@ -358,6 +394,9 @@ fn nix_problems_are_clear_errors_with_hints() {
     cmd.env("PATH", "/nonexistent");
     let out = run(cmd);
     assert_eq!(out.code(), Some(1), "{out:?}");
-    assert!(out.stderr.contains("error: nix is not installed"), "{out:?}");
+    assert!(
+        out.stderr.contains("error: nix is not installed"),
+        "{out:?}"
+    );
     assert!(out.stderr.contains("nvmm boot --runner DIR"), "{out:?}");
 }
