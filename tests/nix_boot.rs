@@ -308,7 +308,7 @@ fn a_runner_directory_boots_without_nix() {
     std::fs::write(
         runner.join("nvmm.json"),
         r#"{"version": 1, "name": "handmade", "kernel": "vmlinux", "memoryMiB": 32,
-            "cmdline": "nvmm_test=blk", "console": "serial", "virtioDiscovery": "acpi"}"#,
+            "cmdline": "nvmm_test=blk", "console": "serial"}"#,
     )
     .unwrap();
     let mut cmd = ns.command(NVMM);

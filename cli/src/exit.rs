@@ -56,7 +56,7 @@ pub enum CliError {
     #[error("{0}")]
     Usage(String),
     /// A background VM did not start (its own error was printed above).
-    #[error("{name} did not start")]
+    #[error("{name} did not start (its error is above)")]
     BackgroundStart {
         /// The VM.
         name: String,

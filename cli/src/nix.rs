@@ -515,8 +515,13 @@ fn is_noise(line: &str) -> bool {
     line.starts_with("warning: you did not specify '--add-root'")
 }
 
-/// At most [`MAX_MESSAGE_LINES`] lines, without trailing blank ones.
+/// At most [`MAX_MESSAGE_LINES`] lines, without trailing blank ones, and without nix's
+/// `error:` (nvmm prints its own): indented as nix indents the lines that follow.
 fn trim_message(message: &str) -> String {
+    let message = match message.strip_prefix("error:") {
+        Some(rest) => format!("      {rest}"),
+        None => message.to_owned(),
+    };
     let lines: Vec<&str> = message.trim_end().lines().collect();
     if lines.len() <= MAX_MESSAGE_LINES {
         return lines.join("\n");
@@ -732,7 +737,7 @@ mod tests {
                       \x1b[31;1merror:\x1b[0m builder for '/nix/store/abc-x.drv' failed with exit code 3;\n       \
                       last 1 log lines:\n       > failing\n";
         let error = relay_progress(&mut output.as_bytes()).unwrap();
-        assert!(error.starts_with("error: builder for"), "{error:?}");
+        assert!(error.starts_with("       builder for"), "{error:?}");
         assert!(error.ends_with("> failing"), "{error:?}");
         assert_eq!(
             failed_derivation(&error).as_deref(),
