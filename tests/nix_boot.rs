@@ -400,3 +400,50 @@ fn nix_problems_are_clear_errors_with_hints() {
     );
     assert!(out.stderr.contains("nvmm boot --runner DIR"), "{out:?}");
 }
+
+/// Processes whose command line is exactly `args`.
+fn processes_running(args: &[&str]) -> Vec<i32> {
+    let wanted: Vec<u8> = args
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|pid: &i32| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == wanted)
+        })
+        .collect()
+}
+
+#[test]
+fn a_stop_signal_during_the_build_stops_nix_and_nvmm() {
+    // A sleep no other test runs, so that its process can be found.
+    let sleep = format!("3{}.5", std::process::id() % 1000);
+    let flake = FakeFlake::new(&format!(
+        r#"{{"systems": {{"slow": {{"cmdline": "", "sleepBuild": "{sleep}"}}}}}}"#
+    ));
+    let mut child = flake.nvmm(&["boot", "slow"]).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while processes_running(&["sleep", &sleep]).is_empty() {
+        assert!(Instant::now() < deadline, "the build never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SIGTERM to nvmm alone: nvmm must pass it on (Ctrl-C reaches nix directly).
+    // SAFETY: kill only sends a signal.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = wait_with_guard(child);
+    assert_eq!(out.code(), Some(128 + libc::SIGTERM), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("error: interrupted while nix was running"),
+        "{out:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !processes_running(&["sleep", &sleep]).is_empty() {
+        assert!(Instant::now() < deadline, "the build outlived nvmm");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child = flake.nvmm(&["list"]).spawn().unwrap();
+    ok(&wait_with_guard(child));
+}

@@ -18,6 +18,7 @@
         guest = ./guest.elf;
         storeText = system.store or "";
         failBuild = system.failBuild or false;
+        sleepBuild = system.sleepBuild or "";
         description = builtins.toJSON ({
           version = 1;
           inherit name;
@@ -34,6 +35,9 @@
         args = [
           "-c"
           ''
+            if [ -n "$sleepBuild" ]; then
+              sleep "$sleepBuild"
+            fi
             if [ "$failBuild" = 1 ]; then
               echo "this build fails on purpose"
               exit 7
