@@ -136,6 +136,8 @@ pub struct DeviceEvents {
     pub subscribers: Vec<Subscriber>,
     /// The virtio console and its "input room" event, if attached.
     pub virtio_console: Option<(Arc<Mutex<Console>>, EventFd)>,
+    /// The keyboard controller, where a clean shutdown is requested (Ctrl-Alt-Del).
+    pub i8042: Arc<Mutex<I8042>>,
 }
 
 impl std::fmt::Debug for DeviceEvents {
@@ -184,7 +186,7 @@ pub fn attach_legacy_devices(
         irq_line(vm, irqs::I8042)?,
     )));
     pio.insert(i8042.clone(), ports::I8042_DATA, 1)?;
-    pio.insert(i8042, ports::I8042_COMMAND, 1)?;
+    pio.insert(i8042.clone(), ports::I8042_COMMAND, 1)?;
 
     pio.insert(
         Arc::new(Mutex::new(DebugPort::new(process_start))),
@@ -211,6 +213,7 @@ pub fn attach_legacy_devices(
             reset,
             subscribers: Vec::new(),
             virtio_console: None,
+            i8042,
         },
         virtio: Vec::new(),
     })

@@ -375,6 +375,27 @@ impl StopHandle {
     }
 }
 
+/// Asks the guest to shut down: presses Ctrl-Alt-Del on its keyboard. A guest that ignores it
+/// keeps running; [`StopHandle`] ends the VM regardless.
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    i8042: Arc<Mutex<nvmm_devices::legacy::I8042>>,
+}
+
+impl std::fmt::Debug for ShutdownHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShutdownHandle").finish_non_exhaustive()
+    }
+}
+
+impl ShutdownHandle {
+    /// Presses Ctrl-Alt-Del.
+    pub fn request_shutdown(&self) {
+        log::info!("asking the guest to shut down (Ctrl-Alt-Del)");
+        lock(&self.i8042).press_ctrl_alt_del();
+    }
+}
+
 const EXIT_POWEROFF: u32 = 0;
 const EXIT_RESET: u32 = 1;
 const EXIT_VCPU: u32 = 2;
@@ -463,6 +484,7 @@ pub struct Vm {
     monitor: Arc<Mutex<ExitMonitor>>,
     stop_handle: StopHandle,
     resize_handle: ResizeHandle,
+    shutdown_handle: ShutdownHandle,
     stop_vcpus: Arc<AtomicBool>,
     vcpu_threads: Vec<JoinHandle<()>>,
     // Kept alive for as long as vCPUs may run; dropped after they are joined.
@@ -504,6 +526,7 @@ impl Vm {
             reset,
             subscribers,
             virtio_console,
+            i8042,
         } = events;
         let eventfd_err = |e| Error::Devices(DeviceError::EventFd(e));
         let stop_handle = StopHandle::new().map_err(eventfd_err)?;
@@ -567,6 +590,7 @@ impl Vm {
             monitor,
             stop_handle,
             resize_handle: resize,
+            shutdown_handle: ShutdownHandle { i8042 },
             stop_vcpus,
             vcpu_threads: Vec::new(),
             _mem: mem,
@@ -589,6 +613,11 @@ impl Vm {
     /// A handle that stops this VM (for signal handlers).
     pub fn stop_handle(&self) -> StopHandle {
         self.stop_handle.clone()
+    }
+
+    /// A handle that asks the guest to shut down cleanly.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.shutdown_handle.clone()
     }
 
     /// A handle that tells the VM the host terminal changed size (for a SIGWINCH handler).

@@ -1,7 +1,9 @@
 //! A minimal i8042 keyboard controller: enough for Linux to probe it without errors, and the
 //! CPU reset line (command 0xFE on port 0x64) that `reboot=k` uses to end the VM.
 //!
-//! No keys are ever pressed: the keyboard only answers the commands a driver sends while
+//! One key combination is ever pressed: Ctrl-Alt-Del, nvmm's request for a clean shutdown
+//! (as Firecracker's SendCtrlAltDel; Linux hands it to init, which NixOS under nvmm turns
+//! into a power-off). Otherwise the keyboard only answers the commands a driver sends while
 //! probing (self-tests, the command byte, keyboard reset/identify).
 
 use std::collections::VecDeque;
@@ -43,6 +45,10 @@ const SELF_TEST_PASSED: u8 = 0x55;
 const INTERFACE_TEST_PASSED: u8 = 0x00;
 const AUX_ABSENT: u8 = 0xff;
 
+/// Ctrl, Alt, Del pressed, in scancode set 2 (the controller does not translate: the control
+/// byte leaves XLATE clear, as Linux's atkbd then expects).
+const CTRL_ALT_DEL: [u8; 4] = [0x14, 0x11, 0xe0, 0x71];
+
 /// A guest can queue replies faster than it reads them; beyond this they are dropped.
 const OUTPUT_CAPACITY: usize = 16;
 
@@ -72,12 +78,23 @@ impl I8042 {
         }
     }
 
+    /// Presses Ctrl-Alt-Del: the guest's keyboard driver gets the three make codes.
+    pub fn press_ctrl_alt_del(&mut self) {
+        for byte in CTRL_ALT_DEL {
+            self.push_output(byte);
+        }
+    }
+
     fn push_output(&mut self, byte: u8) {
         if self.output.len() >= OUTPUT_CAPACITY {
             return;
         }
         self.output.push_back(byte);
         self.status |= STATUS_OUTPUT_FULL;
+        self.raise_interrupt();
+    }
+
+    fn raise_interrupt(&self) {
         if self.control & CONTROL_KEYBOARD_INTERRUPT != 0 {
             if let Err(err) = self.keyboard_irq.trigger() {
                 log::warn!("i8042 cannot raise IRQ 1: {err}");
@@ -89,6 +106,9 @@ impl I8042 {
         let byte = self.output.pop_front().unwrap_or(0);
         if self.output.is_empty() {
             self.status &= !STATUS_OUTPUT_FULL;
+        } else {
+            // The next byte is ready: a driver reads one byte per interrupt (Linux's does).
+            self.raise_interrupt();
         }
         byte
     }
@@ -238,6 +258,23 @@ mod tests {
         dev.write(DATA_PORT, 0, &[KBD_ECHO]);
         assert!(irq.read().is_err());
         assert_eq!(inb(&mut dev, DATA_PORT), KBD_ECHO);
+    }
+
+    #[test]
+    fn ctrl_alt_del_arrives_one_interrupt_per_byte() {
+        let (mut dev, _, irq) = controller();
+        dev.press_ctrl_alt_del();
+        let mut received = Vec::new();
+        while inb(&mut dev, COMMAND_PORT) & STATUS_OUTPUT_FULL != 0 {
+            assert!(
+                irq.read().is_ok(),
+                "no interrupt for byte {}",
+                received.len()
+            );
+            received.push(inb(&mut dev, DATA_PORT));
+        }
+        assert_eq!(received, CTRL_ALT_DEL);
+        assert!(irq.read().is_err(), "an interrupt with nothing to read");
     }
 
     #[test]

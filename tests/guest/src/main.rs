@@ -22,6 +22,7 @@ mod console_scenarios;
 mod dma;
 mod entry;
 mod io;
+mod keyboard;
 mod mem;
 mod net;
 mod net_scenarios;

@@ -14,6 +14,7 @@ use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, IpAddress, Ipv4Address};
 
 use crate::bootinfo::BootInfo;
 use crate::io::{outb, rdtsc};
+use crate::keyboard::CtrlAltDel;
 use crate::net_stack::{Stack, parse_port};
 use crate::scenarios::{Outcome, cmdline_value, number_option};
 use crate::time::{Deadline, us_since};
@@ -98,7 +99,7 @@ fn post(code: u8) {
 // ---- net_echo ----
 
 /// ARP, ping (smoltcp answers both) and a TCP echo server on `echo_port=N`.
-/// Never returns `Ok`: it serves until the host kills the VM.
+/// Serves until the host kills the VM, or asks it to shut down (Ctrl-Alt-Del).
 pub fn net_echo(boot: &BootInfo) -> Outcome {
     let port = match cmdline_value(boot.cmdline, b"echo_port") {
         None => DEFAULT_ECHO_PORT as u16,
@@ -117,7 +118,12 @@ pub fn net_echo(boot: &BootInfo) -> Outcome {
         server.0 = Some(handle);
     }
     say!("net_echo listening port={port}");
+    let mut keyboard = CtrlAltDel::new();
     loop {
+        if keyboard.pressed() {
+            say!("ctrl-alt-del: shutting down");
+            return Ok(());
+        }
         stack.poll()?;
         for (handle, bytes, connected) in &mut servers {
             let Some(handle) = *handle else { continue };

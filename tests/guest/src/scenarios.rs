@@ -4,6 +4,7 @@
 
 use crate::bootinfo::BootInfo;
 use crate::io::{halt_forever, outb, phys_bytes};
+use crate::keyboard::CtrlAltDel;
 use crate::power::{i8042_reset, power_off, triple_fault, try_acpi_poweroff};
 use crate::serial::{read_byte, write_byte};
 use crate::{blk_scenarios, console_scenarios, net_scenarios, smp};
@@ -26,6 +27,7 @@ pub fn run(boot: &BootInfo) -> ! {
         b"reset" => reset(),
         b"port80" => port80(),
         b"halt" => halt(),
+        b"wait" => wait(),
         b"triplefault" => triplefault(),
         b"blk" => blk_scenarios::blk(boot),
         b"blkhash" => blk_scenarios::blkhash(boot),
@@ -193,6 +195,18 @@ fn port80() -> Outcome {
     // SAFETY: port 0x80 is the POST code port; writing it has no effect on the guest.
     unsafe { outb(0x80, 0x42) };
     say!("port80 wrote 0x42");
+    Ok(())
+}
+
+/// Waits for nvmm's shutdown request (Ctrl-Alt-Del), then reports and powers
+/// off as every scenario does.
+fn wait() -> Outcome {
+    say!("waiting for ctrl-alt-del");
+    let mut keyboard = CtrlAltDel::new();
+    while !keyboard.pressed() {
+        crate::time::delay_us(1000);
+    }
+    say!("ctrl-alt-del: shutting down");
     Ok(())
 }
 
