@@ -231,14 +231,21 @@ fn the_host_reaches_a_guest_by_ip_and_through_a_forwarded_port() {
         ns.links()
     );
 
-    let record = std::fs::read_to_string(dirs.0.join("run/vms/echo/forwards")).unwrap();
-    let lines: Vec<&str> = record.lines().collect();
-    assert_eq!(lines.len(), 2, "{record}");
+    let record = std::fs::read_to_string(dirs.0.join("run/vms/echo/vm.json")).unwrap();
+    let record: serde_json::Value = serde_json::from_str(&record).unwrap();
+    let forwards = record["network"]["forwards"].as_array().unwrap();
+    assert_eq!(forwards.len(), 2, "{record}");
     assert!(
-        lines[0].starts_with("127.0.0.1:") && lines[0].ends_with(" 22"),
+        forwards[0]["host"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+            && forwards[0]["guest"] == 22,
         "ssh first: {record}"
     );
-    assert_eq!(lines[1], format!("{} 7", forwarded[0]));
+    assert_eq!(forwards[1]["host"], forwarded[0].as_str(), "{record}");
+    assert_eq!(forwards[1]["guest"], 7, "{record}");
+    assert_eq!(record["network"]["address"], address.as_str(), "{record}");
 
     let ping = ns
         .command("ping")

@@ -44,8 +44,20 @@ pub enum Command {
     /// Build NixOS configurations of a flake and boot them as VMs on one network (the first
     /// on this terminal, the others in the background).
     Boot(Box<BootArgs>),
+    /// Boot a flake's configurations (all, or those named) in the background on one network.
+    Up(UpArgs),
+    /// List running VMs (and VMs whose nvmm died, which it then cleans up).
+    Ps(PsArgs),
+    /// Shut VMs down cleanly (the guest powers off), forcing them after a timeout.
+    Stop(StopArgs),
+    /// Stop every VM of a flake.
+    Down(DownArgs),
+    /// Log in to a VM as root over ssh (or run a command there).
+    Ssh(SshArgs),
     /// List a flake's NixOS configurations and which of them run.
     List(ListArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(CompletionsArgs),
     /// Check this host (KVM, networking, nix) and boot nvmm's built-in test guest.
     Doctor(DoctorArgs),
     /// Attach this terminal to a background VM's console (Ctrl-A d detaches, Ctrl-A x stops it).
@@ -110,9 +122,85 @@ pub struct BootArgs {
     /// The network's subnet when nvmm creates it [default: a free private /24].
     #[arg(long, value_name = "CIDR", value_parser = parse_subnet)]
     pub subnet: Option<crate::net::addr::Ipv4Subnet>,
-    /// Show the build logs of everything nix builds.
+    /// Show the build logs of everything nix builds (also with -v).
     #[arg(short = 'L', long)]
     pub print_build_logs: bool,
+}
+
+/// `nvmm up`.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Names in the flake's nixosConfigurations [default: all of them].
+    #[arg(value_name = "NAME")]
+    pub names: Vec<String>,
+    /// The flake: a directory, or any reference nix takes.
+    #[arg(long, value_name = "REF", default_value = ".")]
+    pub flake: String,
+    /// Keep each VM's writable disk across boots.
+    #[arg(long)]
+    pub keep: bool,
+    /// The network the VMs join.
+    #[arg(long, value_name = "NETWORK", default_value = "nvmm0")]
+    pub net: String,
+    /// The network's subnet when nvmm creates it [default: a free private /24].
+    #[arg(long, value_name = "CIDR", value_parser = parse_subnet)]
+    pub subnet: Option<crate::net::addr::Ipv4Subnet>,
+    /// Show the build logs of everything nix builds (also with -v).
+    #[arg(short = 'L', long)]
+    pub print_build_logs: bool,
+}
+
+/// `nvmm ps`.
+#[derive(Debug, Args)]
+pub struct PsArgs {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `nvmm stop`.
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    /// The VMs to stop.
+    #[arg(value_name = "NAME", required = true)]
+    pub names: Vec<String>,
+    /// Stop at once instead of asking the guest to shut down.
+    #[arg(short, long)]
+    pub force: bool,
+    /// Seconds to wait for a clean shutdown before forcing it.
+    #[arg(long, value_name = "S", default_value_t = 30)]
+    pub timeout: u64,
+}
+
+/// `nvmm down`.
+#[derive(Debug, Args)]
+pub struct DownArgs {
+    /// The flake whose VMs to stop.
+    #[arg(long, value_name = "REF", default_value = ".")]
+    pub flake: String,
+    /// Stop at once instead of asking the guests to shut down.
+    #[arg(short, long)]
+    pub force: bool,
+    /// Seconds to wait for a clean shutdown before forcing it.
+    #[arg(long, value_name = "S", default_value_t = 30)]
+    pub timeout: u64,
+}
+
+/// `nvmm ssh`.
+#[derive(Debug, Args)]
+pub struct SshArgs {
+    /// The VM.
+    pub name: String,
+    /// A command to run instead of a login shell (after `--`).
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+/// `nvmm completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell.
+    pub shell: clap_complete::Shell,
 }
 
 /// `nvmm list`.

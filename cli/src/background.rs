@@ -1,7 +1,7 @@
 //! VMs in the background: `nvmm run -d` (daemonize, console on a socket, output to a log),
 //! `nvmm console NAME` (attach), `nvmm logs NAME [-f]`.
 //!
-//! Each VM has `RUNTIME_DIR/vms/NAME/` with `pid`, `console.sock`, `console.log` (rotated to
+//! A background VM's directory (state.rs) also has `console.sock`, `console.log` (rotated to
 //! `console.log.1`) and `nvmm.log` (nvmm's own log lines).
 
 use std::fs::File;
@@ -16,6 +16,7 @@ use nvmm_vmm::ConsoleBackend;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::register_signal_handler;
 
+pub use crate::state::VmDir;
 use crate::terminal::RawTerminal;
 
 /// A background VM's console log is rotated beyond this size.
@@ -54,31 +55,7 @@ pub enum BackgroundError {
     Console(#[source] io::Error),
 }
 
-/// Where a VM's background files live.
-#[derive(Debug, Clone)]
-pub struct VmDir(pub PathBuf);
-
 impl VmDir {
-    /// `RUNTIME_DIR/vms/NAME`.
-    pub fn new(runtime_dir: &Path, name: &str) -> Self {
-        Self(runtime_dir.join("vms").join(name))
-    }
-
-    fn file(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
-    /// The pid of the nvmm process serving this VM, if it is alive.
-    pub fn running_pid(&self) -> Option<u32> {
-        let pid: u32 = std::fs::read_to_string(self.file("pid"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()?;
-        // SAFETY: kill with signal 0 only checks that the process exists.
-        (unsafe { libc::kill(pid as i32, 0) } == 0).then_some(pid)
-    }
-
     /// The console backend for a background VM.
     pub fn console_backend(&self) -> ConsoleBackend {
         ConsoleBackend::Socket {
@@ -139,7 +116,6 @@ pub fn daemonize(vm_dir: &VmDir, name: &str) -> Result<Daemon, BackgroundError> 
                 redirect(libc::STDOUT_FILENO, "/dev/null");
                 libc::dup2(write_end.as_raw_fd(), libc::STDERR_FILENO);
             }
-            let _ = std::fs::write(vm_dir.file("pid"), format!("{}\n", std::process::id()));
             Ok(Daemon::Child(ReadyPipe {
                 vm_dir: vm_dir.clone(),
             }))
@@ -154,24 +130,6 @@ pub fn daemonize(vm_dir: &VmDir, name: &str) -> Result<Daemon, BackgroundError> 
             Ok(Daemon::Parent(ready.is_some()))
         }
     }
-}
-
-/// For a VM served in the foreground: refuses a name a running nvmm already serves, then
-/// writes this process's pid file, removed when the guard drops.
-pub fn claim(vm_dir: &VmDir, name: &str) -> Result<PidFile, BackgroundError> {
-    if let Some(pid) = vm_dir.running_pid() {
-        return Err(BackgroundError::AlreadyRunning {
-            name: name.to_owned(),
-            pid,
-        });
-    }
-    let files_error = |source| BackgroundError::Files {
-        path: vm_dir.0.clone(),
-        source,
-    };
-    std::fs::create_dir_all(&vm_dir.0).map_err(files_error)?;
-    std::fs::write(vm_dir.file("pid"), format!("{}\n", std::process::id())).map_err(files_error)?;
-    Ok(vm_dir.pid_file())
 }
 
 /// # Safety
@@ -205,24 +163,6 @@ impl ReadyPipe {
                 }
             };
         }
-    }
-}
-
-/// Removes the pid file when the background VM ends.
-#[derive(Debug)]
-pub struct PidFile(pub PathBuf);
-
-impl Drop for PidFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-        let _ = std::fs::remove_file(self.0.with_file_name("console.sock"));
-    }
-}
-
-impl VmDir {
-    /// The guard that removes the pid file and socket when the daemon ends.
-    pub fn pid_file(&self) -> PidFile {
-        PidFile(self.file("pid"))
     }
 }
 

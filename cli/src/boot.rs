@@ -12,15 +12,16 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::args::{BootArgs, ListArgs};
-use crate::background::VmDir;
 use crate::disks::{self, DiskError, OverlayDisk, SeedDisk};
 use crate::exit::{CliError, Outcome, error_chain};
+use crate::fleet::{Table, print_stdout};
 use crate::net::addr::format_mac;
 use crate::net::host::{self, Membership, Network, NetworkConfig};
 use crate::nix::{FlakeRef, Nix, NixLog};
 use crate::run::{Launch, Launched, NetworkRequest};
 use crate::runner::{Runner, RunnerConsole, RunnerDiscovery};
 use crate::ssh;
+use crate::state::{self, SshRecord, VmDir};
 
 /// The name the host has in every guest's hosts table.
 pub const HOST_NAME_IN_GUEST: &str = "nvmm-host";
@@ -31,6 +32,15 @@ const SEED_SERIAL: &str = "nvmm-seed";
 /// The seed archive's format version (docs/runner.md).
 const SEED_VERSION: &str = "1";
 
+/// What to boot: runners by VM name, and the flake they came from.
+#[derive(Debug)]
+pub struct Targets {
+    /// The flake, unless the runner came from `--runner`.
+    pub flake: Option<FlakeRef>,
+    /// (VM name, runner), in the order given.
+    pub runners: Vec<(String, Runner)>,
+}
+
 /// `nvmm boot`.
 pub fn boot(args: &BootArgs) -> Result<Outcome, CliError> {
     if !args.forward.is_empty() && args.names.len() > 1 {
@@ -38,22 +48,44 @@ pub fn boot(args: &BootArgs) -> Result<Outcome, CliError> {
             "--forward applies to one VM: boot with one NAME, or use nvmm.forwardPorts".into(),
         ));
     }
-    let targets = resolve_targets(args)?;
+    let targets = match &args.runner {
+        Some(dir) => runner_target(dir, args.name.as_deref())?,
+        None => {
+            let (flake, names) = split_names(&args.flake, &args.names)?;
+            build_targets(flake, names, args.print_build_logs)?
+        }
+    };
+    start_targets(args, &targets)
+}
+
+/// Reserves every target's address, then starts them: the background ones first, so that the
+/// one on this terminal (the first, unless `-d`) starts among running peers. Returns in the
+/// parent once all run, or in a VM's own process once its VM has ended.
+pub fn start_targets(args: &BootArgs, targets: &Targets) -> Result<Outcome, CliError> {
     let (runtime_dir, state_dir) = host::state_dirs();
+    state::reap_dead(&runtime_dir);
+    for (name, _) in &targets.runners {
+        if let Some(pid) = VmDir::new(&runtime_dir, name).running_pid() {
+            return Err(CliError::State(state::StateError::AlreadyRunning {
+                name: name.clone(),
+                pid,
+            }));
+        }
+    }
     let network = NetworkConfig {
         name: args.net.clone(),
         subnet: args.subnet,
     };
-    let names: Vec<String> = targets.iter().map(|(name, _)| name.clone()).collect();
+    let names: Vec<String> = targets.runners.iter().map(|(n, _)| n.clone()).collect();
     Network::reserve(&network, &runtime_dir, &state_dir, &names)?;
 
-    // Background VMs first, so that the one on this terminal starts among running peers.
+    let flake = targets.flake.as_ref().map(FlakeRef::as_str);
     let (attached, background) = match args.detach {
-        true => (None, &targets[..]),
-        false => (Some(&targets[0]), &targets[1..]),
+        true => (None, &targets.runners[..]),
+        false => (Some(&targets.runners[0]), &targets.runners[1..]),
     };
     for (name, runner) in background {
-        match launch(args, name, runner, &network, true)?.start()? {
+        match launch(args, name, runner, &network, true, flake)?.start()? {
             Launched::InBackground(true) => {}
             Launched::InBackground(false) => {
                 return Err(CliError::BackgroundStart { name: name.clone() });
@@ -63,44 +95,58 @@ pub fn boot(args: &BootArgs) -> Result<Outcome, CliError> {
         }
     }
     match attached {
-        Some((name, runner)) => match launch(args, name, runner, &network, false)?.start()? {
-            Launched::Ended(outcome) => Ok(outcome),
-            Launched::InBackground(started) => Ok(Outcome::Done(started)),
-        },
+        Some((name, runner)) => {
+            match launch(args, name, runner, &network, false, flake)?.start()? {
+                Launched::Ended(outcome) => Ok(outcome),
+                Launched::InBackground(started) => Ok(Outcome::Done(started)),
+            }
+        }
         None => Ok(Outcome::Done(true)),
     }
 }
 
-/// Every (VM name, runner) to boot, built by nix unless `--runner` names one.
-fn resolve_targets(args: &BootArgs) -> Result<Vec<(String, Runner)>, CliError> {
-    if let Some(dir) = &args.runner {
-        let runner = Runner::load(dir)?;
-        let name = args
-            .name
-            .clone()
-            .or_else(|| runner.name.clone())
-            .or_else(|| {
-                dir.canonicalize()
-                    .ok()?
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-            })
-            .unwrap_or_else(|| "vm".into());
-        return Ok(vec![(name, runner)]);
-    }
-    let (flake, names) = split_names(&args.flake, &args.names)?;
-    let nix = Nix::detect(match args.print_build_logs {
+/// `--runner DIR`: one VM, named by `--name`, the runner's `name`, or the directory's.
+fn runner_target(dir: &Path, name: Option<&str>) -> Result<Targets, CliError> {
+    let runner = Runner::load(dir)?;
+    let name = name
+        .map(str::to_owned)
+        .or_else(|| runner.name.clone())
+        .or_else(|| {
+            dir.canonicalize()
+                .ok()?
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| "vm".into());
+    Ok(Targets {
+        flake: None,
+        runners: vec![(name, runner)],
+    })
+}
+
+/// Builds the runners of `names` in `flake` with nix.
+pub fn build_targets(
+    flake: FlakeRef,
+    names: Vec<String>,
+    print_build_logs: bool,
+) -> Result<Targets, CliError> {
+    let build_logs = print_build_logs || log::max_level() >= log::LevelFilter::Info;
+    let nix = Nix::detect(match build_logs {
         true => NixLog::BuildLogs,
         false => NixLog::Progress,
     })?;
     let (_, state_dir) = host::state_dirs();
     let module = crate::nix::guest_module(&state_dir)?;
-    let runners = nix.build_runners(&flake, &names, &module)?;
-    names
+    let dirs = nix.build_runners(&flake, &names, &module)?;
+    let runners = names
         .into_iter()
-        .zip(runners)
+        .zip(dirs)
         .map(|(name, dir)| Ok((name, Runner::load(&dir)?)))
-        .collect()
+        .collect::<Result<_, CliError>>()?;
+    Ok(Targets {
+        flake: Some(flake),
+        runners,
+    })
 }
 
 /// `--flake REF` and `NAME...`, where a name may be `REF#NAME` (all from one flake). Duplicate
@@ -134,6 +180,7 @@ fn launch(
     runner: &Runner,
     network: &NetworkConfig,
     detach: bool,
+    flake: Option<&str>,
 ) -> Result<Launch, CliError> {
     if let Some(version) = &runner.module_version
         && version != env!("CARGO_PKG_VERSION")
@@ -168,6 +215,7 @@ fn launch(
     };
     Ok(Launch {
         name: name.to_owned(),
+        flake: flake.map(str::to_owned),
         config,
         detach,
         network: Some(NetworkRequest {
@@ -180,6 +228,7 @@ fn launch(
             overlay_bytes: runner.disk_size_mib << 20,
             keep: args.keep,
             system: runner.dir.to_string_lossy().into_owned(),
+            scope: flake.map_or_else(|| "runners".to_owned(), state::scope_of_flake),
         }),
     })
 }
@@ -195,6 +244,8 @@ pub struct SystemDisks {
     pub keep: bool,
     /// What the kept disk's record names as its system (the runner).
     pub system: String,
+    /// Where the VM's keys and kept disk live: `STATE/vms/SCOPE/NAME` (state.rs).
+    pub scope: String,
 }
 
 /// Files that live as long as the VM: dropped after it ends.
@@ -202,6 +253,8 @@ pub struct SystemDisks {
 pub struct AttachedDisks {
     _overlay: OverlayDisk,
     _seed: RemoveOnDrop,
+    /// The keys the seed gave the guest, for `nvmm ssh`.
+    pub ssh: Option<SshRecord>,
 }
 
 #[derive(Debug)]
@@ -232,13 +285,11 @@ impl SystemDisks {
             let store = disks::open_store_image(store)?;
             config.disks.push(disk(store, true, STORE_SERIAL));
         }
+        let persistent = state::persistent_vm_dir(state_dir, &self.scope, name);
         let overlay = if self.keep {
-            let (overlay, warning) = OverlayDisk::keep(
-                &state_dir.join("vms"),
-                name,
-                self.overlay_bytes,
-                &self.system,
-            )?;
+            let scope_dir = persistent.parent().unwrap_or(state_dir);
+            let (overlay, warning) =
+                OverlayDisk::keep(scope_dir, name, self.overlay_bytes, &self.system)?;
             if let Some(warning) = warning {
                 log::warn!("{warning}");
             }
@@ -257,23 +308,26 @@ impl SystemDisks {
             .push(disk(overlay.path().to_path_buf(), false, OVERLAY_SERIAL));
         let seed_path = runtime_dir.join("vms").join(name).join("seed.img");
         let network = membership.map(SeedNetwork::of);
-        seed_disk(name, network.as_ref(), state_dir)?.write_to(&seed_path)?;
+        let (seed_image, ssh) = seed_disk(name, network.as_ref(), &persistent)?;
+        seed_image.write_to(&seed_path)?;
         let seed = RemoveOnDrop(seed_path.clone());
         config.disks.push(disk(seed_path, true, SEED_SERIAL));
         Ok(AttachedDisks {
             _overlay: overlay,
             _seed: seed,
+            ssh,
         })
     }
 }
 
-/// The seed archive of VM `name` (docs/runner.md). Without `ssh-keygen` the ssh files are left
-/// out, with a warning: the VM still boots, only `nvmm ssh` cannot log in.
+/// The seed archive of VM `name` (docs/runner.md), and what `nvmm ssh` needs to log in. The
+/// VM's keys live in `persistent`. Without `ssh-keygen` the ssh files are left out, with a
+/// warning: the VM still boots, only `nvmm ssh` cannot log in.
 fn seed_disk(
     name: &str,
     network: Option<&SeedNetwork>,
-    state_dir: &Path,
-) -> Result<SeedDisk, DiskError> {
+    persistent: &Path,
+) -> Result<(SeedDisk, Option<SshRecord>), DiskError> {
     let mut seed = SeedDisk::builder();
     seed.dir("nvmm")
         .file("nvmm/version", format!("{SEED_VERSION}\n"), 0o644)
@@ -282,24 +336,35 @@ fn seed_disk(
         seed.file("nvmm/network", network.network_file(), 0o644)
             .file("nvmm/hosts", network.hosts_file(), 0o644);
     }
-    match ssh::host_key(state_dir, name) {
-        Ok(key) => {
-            seed.file("nvmm/ssh_host_ed25519_key", &key.private, 0o600)
+    let keys =
+        ssh::host_key(persistent, name).and_then(|host| Ok((host, ssh::client_key(persistent)?)));
+    let record = match keys {
+        Ok((host, client)) => {
+            seed.file("nvmm/ssh_host_ed25519_key", &host.private, 0o600)
                 .file(
                     "nvmm/ssh_host_ed25519_key.pub",
-                    format!("{}\n", key.public),
+                    format!("{}\n", host.public),
+                    0o644,
+                )
+                .file(
+                    "nvmm/authorized_keys",
+                    format!("{}\n", client.public),
                     0o644,
                 );
+            Some(SshRecord {
+                identity: ssh::client_key_path(persistent),
+                host_key: host.public,
+            })
         }
-        Err(err) => log::warn!("{name} gets no ssh host key: {}", error_chain(&err)),
-    }
-    match ssh::client_key(state_dir) {
-        Ok(key) => {
-            seed.file("nvmm/authorized_keys", format!("{}\n", key.public), 0o644);
+        Err(err) => {
+            log::warn!(
+                "{name} gets no ssh keys (`nvmm ssh` cannot log in): {}",
+                error_chain(&err)
+            );
+            None
         }
-        Err(err) => log::warn!("{name} gets no authorized ssh key: {}", error_chain(&err)),
-    }
-    seed.build()
+    };
+    Ok((seed.build()?, record))
 }
 
 /// What the seed says about the VM's network.
@@ -370,33 +435,26 @@ pub fn list(args: &ListArgs) -> Result<Outcome, CliError> {
         })
         .collect();
     let text = if args.json {
-        let mut json = serde_json::to_string_pretty(&listed)
-            .map_err(|e| CliError::Stdout(std::io::Error::other(e)))?;
+        let mut json =
+            serde_json::to_string_pretty(&listed).map_err(|e| CliError::Stdout(e.into()))?;
         json.push('\n');
         json
     } else if listed.is_empty() {
         format!("flake {flake} has no nixosConfigurations entries\n")
     } else {
-        let width = listed
-            .iter()
-            .map(|c| c.name.len())
-            .max()
-            .unwrap_or(0)
-            .max(4);
-        let mut text = format!("{:width$}  STATUS\n", "NAME");
+        let mut table = Table::new(["NAME", "STATUS"]);
         for configuration in &listed {
-            let status = match configuration.pid {
-                Some(pid) => format!("running (pid {pid})"),
-                None => "-".to_owned(),
-            };
-            text.push_str(&format!("{:width$}  {status}\n", configuration.name));
+            table.row([
+                configuration.name.clone(),
+                match configuration.pid {
+                    Some(pid) => format!("running (pid {pid})"),
+                    None => "-".to_owned(),
+                },
+            ]);
         }
-        text
+        table.render()
     };
-    use std::io::Write;
-    std::io::stdout()
-        .write_all(text.as_bytes())
-        .map_err(CliError::Stdout)?;
+    print_stdout(&text)?;
     Ok(Outcome::Done(true))
 }
 
@@ -422,10 +480,8 @@ mod tests {
             ],
         };
         let image = dir.path().join("seed.img");
-        seed_disk("client", Some(&network), &dir.path().join("state"))
-            .unwrap()
-            .write_to(&image)
-            .unwrap();
+        let (seed, ssh) = seed_disk("client", Some(&network), &dir.path().join("state")).unwrap();
+        seed.write_to(&image).unwrap();
         let out = dir.path().join("out");
         std::fs::create_dir(&out).unwrap();
         let status = Command::new("tar")
@@ -454,6 +510,12 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600);
             assert!(read("ssh_host_ed25519_key.pub").contains("root@client"));
             assert!(read("authorized_keys").starts_with("ssh-ed25519 "));
+            let ssh = ssh.unwrap();
+            assert_eq!(
+                format!("{}\n", ssh.host_key),
+                read("ssh_host_ed25519_key.pub")
+            );
+            assert!(ssh.identity.is_file());
         }
     }
 

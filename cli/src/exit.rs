@@ -37,9 +37,18 @@ pub enum CliError {
     /// A port forward could not start.
     #[error(transparent)]
     Forward(#[from] crate::net::forward::ForwardError),
-    /// The VM's forwarded ports could not be recorded.
-    #[error("cannot record the VM's forwarded ports")]
-    Record(#[source] std::io::Error),
+    /// VM state files.
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    /// The control socket could not be set up.
+    #[error("cannot serve the control socket {}", .path.display())]
+    Control {
+        /// The socket.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// Background VMs.
     #[error(transparent)]
     Background(#[from] crate::background::BackgroundError),
@@ -52,6 +61,29 @@ pub enum CliError {
     /// A VM's disks could not be made.
     #[error(transparent)]
     Disk(#[from] crate::disks::DiskError),
+    /// No such VM runs.
+    #[error("no VM named {name} runs")]
+    NotRunning {
+        /// The name.
+        name: String,
+    },
+    /// `nvmm ssh` cannot log in.
+    #[error("cannot ssh into {name}: {why}")]
+    NoSsh {
+        /// The VM.
+        name: String,
+        /// Why.
+        why: String,
+    },
+    /// A program could not be run.
+    #[error("cannot run {program}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// Arguments that parse but do not go together.
     #[error("{0}")]
     Usage(String),
@@ -162,10 +194,18 @@ fn hint(err: &CliError) -> Option<String> {
                 "attach to it with `nvmm console {name}`, or pick another --name"
             ));
         }
+        CliError::State(crate::state::StateError::AlreadyRunning { name, .. }) => {
+            return Some(format!(
+                "attach to it with `nvmm console {name}`, or stop it with `nvmm stop {name}`"
+            ));
+        }
         CliError::Background(crate::background::BackgroundError::NotRunning(_)) => {
             return Some("start one with `nvmm run -d --name NAME ...`".into());
         }
         CliError::Nix(nix) => return nix_hint(nix),
+        CliError::NotRunning { .. } => {
+            return Some("`nvmm ps` lists the VMs that run; `nvmm up NAME` starts one".into());
+        }
         CliError::Runner(_) => {
             return Some("docs/runner.md describes the runner directory and nvmm.json".into());
         }

@@ -3,15 +3,18 @@
 mod args;
 mod background;
 mod boot;
+mod control;
 mod disks;
 mod doctor;
 mod exit;
+mod fleet;
 mod logger;
 mod net;
 mod nix;
 mod run;
 mod runner;
 mod ssh;
+mod state;
 mod terminal;
 
 use std::process::ExitCode;
@@ -27,6 +30,21 @@ fn main() -> ExitCode {
         args::Command::Run(run) => run::run(&run),
         args::Command::Boot(boot) => boot::boot(&boot),
         args::Command::List(list) => boot::list(&list),
+        args::Command::Up(up) => fleet::up(&up),
+        args::Command::Ps(ps) => fleet::ps(&ps),
+        args::Command::Stop(stop) => fleet::stop(&stop),
+        args::Command::Down(down) => fleet::down(&down),
+        args::Command::Ssh(ssh) => fleet::ssh(&ssh),
+        args::Command::Completions(completions) => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                completions.shell,
+                &mut args::Cli::command(),
+                "nvmm",
+                &mut std::io::stdout(),
+            );
+            Ok(exit::Outcome::Done(true))
+        }
         args::Command::Doctor(doctor) => doctor::doctor(&doctor),
         args::Command::Console(vm) => run::console(&vm.name),
         args::Command::Logs(logs) => run::logs(&logs),

@@ -268,20 +268,29 @@ pub enum NixLog {
 }
 
 /// The installed nix.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Nix {
-    /// `(major, minor)` from `nix --version`.
-    version: (u32, u32),
+    /// `nix --version`, running beside the first evaluation (a nix process costs ~20 ms to
+    /// start, and the version is only needed once the build starts), then its answer.
+    version: std::sync::Mutex<VersionProbe>,
     log: NixLog,
 }
 
+#[derive(Debug)]
+enum VersionProbe {
+    Running(std::process::Child),
+    Known((u32, u32)),
+}
+
 impl Nix {
-    /// Finds nix and checks it can do flakes.
+    /// Finds nix; [`Nix::version`] checks later that it can do flakes.
     pub fn detect(log: NixLog) -> Result<Nix, NixError> {
-        let output = Command::new("nix")
+        let probe = Command::new("nix")
             .arg("--version")
             .stdin(Stdio::null())
-            .output()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
             .map_err(|source| match source.kind() {
                 io::ErrorKind::NotFound => NixError::NotInstalled,
                 _ => NixError::Spawn {
@@ -289,7 +298,32 @@ impl Nix {
                     source,
                 },
             })?;
-        let text = String::from_utf8_lossy(&output.stdout);
+        Ok(Nix {
+            version: std::sync::Mutex::new(VersionProbe::Running(probe)),
+            log,
+        })
+    }
+
+    /// `(major, minor)`; an error if nix is too old for flakes.
+    fn version(&self) -> Result<(u32, u32), NixError> {
+        let mut probe = self
+            .version
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let child = match &mut *probe {
+            VersionProbe::Known(version) => return Ok(*version),
+            VersionProbe::Running(child) => child,
+        };
+        let mut text = String::new();
+        if let Some(mut stdout) = child.stdout.take() {
+            stdout
+                .read_to_string(&mut text)
+                .map_err(|source| NixError::Spawn {
+                    program: "nix --version".into(),
+                    source,
+                })?;
+        }
+        let _ = child.wait();
         let version = parse_version(&text).ok_or_else(|| NixError::UnexpectedOutput {
             program: "nix --version".into(),
             detail: text.trim().to_owned(),
@@ -299,7 +333,8 @@ impl Nix {
                 version: text.trim().to_owned(),
             });
         }
-        Ok(Nix { version, log })
+        *probe = VersionProbe::Known(version);
+        Ok(version)
     }
 
     /// The names in `flake`'s `nixosConfigurations`.
@@ -311,10 +346,16 @@ impl Nix {
             nix_string(flake.as_str())
         );
         let stdout = self.run_nix("nix eval", &["eval", "--json", "--impure", "--expr", &expr])?;
-        let stdout = stdout.map_err(|message| NixError::Evaluation {
-            what: format!("flake {flake}"),
-            message,
-        })?;
+        let stdout = match stdout {
+            Ok(stdout) => stdout,
+            Err(message) => {
+                self.version()?;
+                return Err(NixError::Evaluation {
+                    what: format!("flake {flake}"),
+                    message,
+                });
+            }
+        };
         let names: Option<Vec<String>> =
             serde_json::from_str(&stdout).map_err(|e| NixError::UnexpectedOutput {
                 program: "nix eval".into(),
@@ -337,7 +378,14 @@ impl Nix {
         eprintln!("nvmm: evaluating {what} (flake {flake})");
         let expr = runner_expression(flake, names, module);
         let stdout = self.run_nix("nix eval", &["eval", "--json", "--impure", "--expr", &expr])?;
-        let stdout = stdout.map_err(|message| self.evaluation_error(flake, &what, message))?;
+        let stdout = match stdout {
+            Ok(stdout) => stdout,
+            Err(message) => {
+                // A nix too old for flakes fails here too: say that rather than what it said.
+                self.version()?;
+                return Err(self.evaluation_error(flake, &what, message));
+            }
+        };
         let derivations: Vec<String> =
             serde_json::from_str(&stdout).map_err(|e| NixError::UnexpectedOutput {
                 program: "nix eval".into(),
@@ -351,10 +399,11 @@ impl Nix {
         }
         // Nix 2.13 made `DRV^*` the way to name a derivation's outputs; older ones read a
         // plain .drv path that way.
+        let version = self.version()?;
         let installables: Vec<String> = derivations
             .iter()
             .map(|drv| {
-                if self.version >= (2, 13) {
+                if version >= (2, 13) {
                     format!("{drv}^*")
                 } else {
                     drv.clone()

@@ -3,10 +3,12 @@
 use std::net::{IpAddr, SocketAddr};
 
 use crate::args::{LogsArgs, RunArgs};
-use crate::background::{self, Daemon, ReadyPipe, VmDir};
+use crate::background::{self, Daemon, ReadyPipe};
+use crate::control::{self, Controls};
 use crate::exit::{CliError, Outcome};
 use crate::net::forward::{ForwardSpec, Forwarder};
 use crate::net::host::{self, Membership, Network, NetworkConfig};
+use crate::state::{self, ForwardRecord, NetworkRecord, VmDir, VmRecord};
 use crate::terminal::{self, RawTerminal};
 
 /// The guest's ssh port, forwarded for every VM on a network.
@@ -16,6 +18,7 @@ const GUEST_SSH_PORT: u16 = 22;
 pub fn run(args: &RunArgs) -> Result<Outcome, CliError> {
     let launch = Launch {
         name: args.vm_name(),
+        flake: None,
         config: args.vm_config(),
         detach: args.detach,
         network: args.net.as_ref().map(|network| NetworkRequest {
@@ -39,6 +42,8 @@ pub fn run(args: &RunArgs) -> Result<Outcome, CliError> {
 pub struct Launch {
     /// The VM's name.
     pub name: String,
+    /// The flake it comes from (`nvmm boot`), for `ps` and `down`.
+    pub flake: Option<String>,
     /// The machine.
     pub config: nvmm_vmm::VmConfig,
     /// Run in the background.
@@ -74,17 +79,18 @@ impl Launch {
     pub fn start(self) -> Result<Launched, CliError> {
         let Launch {
             name,
+            flake,
             mut config,
             detach,
             network,
             cmdline_network,
             system_disks,
         } = self;
+        let started = std::time::Instant::now();
         let (runtime_dir, state_dir) = host::state_dirs();
+        state::reap_dead(&runtime_dir);
         let vm_dir = VmDir::new(&runtime_dir, &name);
         let mut background = None;
-        // Held while the VM runs: the pid file says who serves this name.
-        let _pid_file;
         if detach {
             // Before anything starts a thread: the daemon is forked here.
             match background::daemonize(&vm_dir, &name)? {
@@ -100,20 +106,19 @@ impl Launch {
                 Daemon::Child(ready) => {
                     config.console.backend = vm_dir.console_backend();
                     config.console.stdin = false;
-                    _pid_file = vm_dir.pid_file();
                     background = Some(ready);
                 }
             }
-        } else {
-            _pid_file = background::claim(&vm_dir, &name)?;
         }
+        // The name is this process's until it ends; the lock's drop removes the runtime files.
+        let _lock = vm_dir.lock()?;
         // On an error below, dropping it still stops forwarding and removes the tap.
         let network = match &network {
             Some(request) => Some(join_network(&name, request, cmdline_network, &mut config)?),
             None => None,
         };
         // Removed when the VM ends (fresh overlay, seed), after the VM has let go of them.
-        let _disks = match &system_disks {
+        let disks = match &system_disks {
             Some(disks) => Some(disks.attach(
                 &name,
                 network.as_ref().map(|n| &n.membership),
@@ -122,19 +127,48 @@ impl Launch {
             )?),
             None => None,
         };
-        let exit = boot_and_serve(&config, background.as_mut())?;
+
+        let record = VmRecord {
+            name: name.clone(),
+            flake,
+            pid: std::process::id(),
+            started_ms: state::now_ms(),
+            memory_mib: config.mem_mib,
+            vcpus: config.vcpus,
+            background: detach,
+            network: network.as_ref().map(VmNetwork::record),
+            ssh: disks.as_ref().and_then(|d| d.ssh.clone()),
+        };
+        vm_dir.write_record(&record)?;
+        let vm = nvmm_vmm::build_and_boot(&config)?;
+        control::serve(
+            &vm_dir.file("control.sock"),
+            Controls {
+                name: name.clone(),
+                stop: vm.stop_handle(),
+                shutdown: vm.shutdown_handle(),
+                console: detach.then(|| vm_dir.file("console.sock")),
+                started,
+            },
+        )
+        .map_err(|source| CliError::Control {
+            path: vm_dir.file("control.sock"),
+            source,
+        })?;
+        let exit = serve(vm, background.as_mut())?;
         if let Some(network) = network {
             network.leave();
         }
+        drop(disks);
         Ok(Launched::Ended(Outcome::Vm(exit)))
     }
 }
 
-fn boot_and_serve(
-    config: &nvmm_vmm::VmConfig,
+/// Runs the booted VM until it ends: in the background, or on this terminal.
+fn serve(
+    vm: nvmm_vmm::Vm,
     background: Option<&mut ReadyPipe>,
 ) -> Result<nvmm_vmm::VmExit, CliError> {
-    let vm = nvmm_vmm::build_and_boot(config)?;
     terminal::stop_on_signals(vm.stop_handle()).map_err(CliError::Signals)?;
     if let Some(ready) = background {
         ready.ready();
@@ -151,48 +185,32 @@ fn boot_and_serve(
 
 /// A VM's place on a network, for as long as it runs.
 struct VmNetwork {
-    // Fields drop in order: the record, the forwarders, then the tap.
-    record: ForwardRecord,
+    // Fields drop in order: the forwarders, then the tap.
     forwarders: Vec<Forwarder>,
     membership: Membership,
-}
-
-/// `RUNTIME_DIR/vms/NAME/forwards`: one `HOSTADDR:PORT GUESTPORT` line per forwarded port, the
-/// first being ssh, so `nvmm ssh` finds the port. Removed when the VM ends.
-struct ForwardRecord(std::path::PathBuf);
-
-impl ForwardRecord {
-    fn write(
-        runtime_dir: &std::path::Path,
-        vm_name: &str,
-        forwarders: &[Forwarder],
-    ) -> std::io::Result<Self> {
-        let dir = runtime_dir.join("vms").join(vm_name);
-        std::fs::create_dir_all(&dir)?;
-        let text: String = forwarders
-            .iter()
-            .map(|f| format!("{} {}\n", f.local_addr(), f.target().port()))
-            .collect();
-        let path = dir.join("forwards");
-        std::fs::write(&path, text)?;
-        Ok(Self(path))
-    }
-}
-
-impl Drop for ForwardRecord {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-        if let Some(dir) = self.0.parent() {
-            let _ = std::fs::remove_dir(dir);
-        }
-    }
+    network: String,
 }
 
 impl VmNetwork {
+    /// What `vm.json` says of it.
+    fn record(&self) -> NetworkRecord {
+        NetworkRecord {
+            name: self.network.clone(),
+            address: self.membership.address,
+            forwards: self
+                .forwarders
+                .iter()
+                .map(|f| ForwardRecord {
+                    host: f.local_addr(),
+                    guest: f.target().port(),
+                })
+                .collect(),
+        }
+    }
+
     /// Stops forwarding and leaves the network, reporting (not failing on) clean-up errors:
     /// the VM has already ended the way the user will be told.
     fn leave(self) {
-        drop(self.record);
         for forwarder in self.forwarders {
             forwarder.stop();
         }
@@ -211,7 +229,6 @@ fn join_network(
     config: &mut nvmm_vmm::VmConfig,
 ) -> Result<VmNetwork, CliError> {
     let (runtime_dir, state_dir) = host::state_dirs();
-    host::reap_stale(&runtime_dir)?;
     let (network, membership) = Network::join(
         &request.config,
         &runtime_dir,
@@ -251,12 +268,10 @@ fn join_network(
             forwarder.target()
         );
     }
-    let record =
-        ForwardRecord::write(&runtime_dir, vm_name, &forwarders).map_err(CliError::Record)?;
     Ok(VmNetwork {
-        record,
         forwarders,
         membership,
+        network: request.config.name.clone(),
     })
 }
 

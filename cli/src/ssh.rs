@@ -1,7 +1,8 @@
-//! The ssh keys nvmm hands its guests: one client key per user (`STATE/ssh/id_ed25519`, the
-//! key `nvmm ssh` logs in with) and one host key per VM name
-//! (`STATE/vms/NAME/ssh_host_ed25519_key`), so a VM keeps its host identity across boots even
-//! though its disk is fresh each time. Keys are made with the host's `ssh-keygen`.
+//! The ssh keys nvmm hands a guest, kept in the VM's persistent directory (state.rs): the
+//! client key `nvmm ssh` logs in with (`id_ed25519`, authorized for root in the guest) and the
+//! guest's host key (`ssh_host_ed25519_key`), so a VM keeps its host identity across boots even
+//! though its disk is fresh each time, and `nvmm ssh` can pin it. Keys are made with the host's
+//! `ssh-keygen`.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -50,23 +51,22 @@ pub struct KeyPair {
     pub public: String,
 }
 
-/// `STATE/ssh/id_ed25519`: the private key `nvmm ssh` uses.
-pub fn client_key_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("ssh").join("id_ed25519")
+/// The private key `nvmm ssh` uses for the VM whose persistent directory is `vm_dir`.
+pub fn client_key_path(vm_dir: &Path) -> PathBuf {
+    vm_dir.join("id_ed25519")
 }
 
-/// The user's client key pair, made on first use.
-pub fn client_key(state_dir: &Path) -> Result<KeyPair, SshError> {
-    ensure_key(&client_key_path(state_dir), "nvmm")
+/// The VM's client key pair, made on first use.
+pub fn client_key(vm_dir: &Path) -> Result<KeyPair, SshError> {
+    ensure_key(&client_key_path(vm_dir), "nvmm")
 }
 
 /// VM `vm_name`'s host key pair, made on first use.
-pub fn host_key(state_dir: &Path, vm_name: &str) -> Result<KeyPair, SshError> {
-    let path = state_dir
-        .join("vms")
-        .join(vm_name)
-        .join("ssh_host_ed25519_key");
-    ensure_key(&path, &format!("root@{vm_name}"))
+pub fn host_key(vm_dir: &Path, vm_name: &str) -> Result<KeyPair, SshError> {
+    ensure_key(
+        &vm_dir.join("ssh_host_ed25519_key"),
+        &format!("root@{vm_name}"),
+    )
 }
 
 fn ensure_key(path: &Path, comment: &str) -> Result<KeyPair, SshError> {
@@ -136,14 +136,18 @@ mod tests {
             return;
         }
         let state = TempDir::new("ssh");
-        let first = host_key(state.path(), "server").unwrap();
+        let server = state.path().join("server");
+        let first = host_key(&server, "server").unwrap();
         assert!(first.public.starts_with("ssh-ed25519 "), "{}", first.public);
         assert!(first.public.ends_with("root@server"), "{}", first.public);
         assert!(String::from_utf8_lossy(&first.private).contains("OPENSSH PRIVATE KEY"));
-        assert_eq!(host_key(state.path(), "server").unwrap(), first);
-        assert_ne!(host_key(state.path(), "client").unwrap(), first);
-        let client = client_key(state.path()).unwrap();
-        assert!(client_key_path(state.path()).is_file());
+        assert_eq!(host_key(&server, "server").unwrap(), first);
+        assert_ne!(
+            host_key(&state.path().join("client"), "client").unwrap(),
+            first
+        );
+        let client = client_key(&server).unwrap();
+        assert!(client_key_path(&server).is_file());
         assert_ne!(client.public, first.public);
     }
 }

@@ -264,6 +264,16 @@ in
       networking.useDHCP = lib.mkOverride 900 false;
       networking.dhcpcd.enable = lib.mkDefault false;
 
+      # `nvmm stop` asks for a clean shutdown by pressing Ctrl-Alt-Del on the i8042 keyboard
+      # (as Firecracker does); systemd's default for it is a reboot, which nvmm would report as
+      # the VM ending anyway, but a power-off says what happened.
+      systemd.ctrlAltDelUnit = lib.mkDefault "poweroff.target";
+      # The keyboard driver that sees the key press (built in on most kernels; harmless then).
+      boot.kernelModules = [
+        "i8042"
+        "atkbd"
+      ];
+
       # nvmm's console is a terminal on the host that only its user can reach.
       services.getty.autologinUser = lib.mkDefault "root";
 

@@ -992,11 +992,17 @@ fn process_start_time(pid: u32) -> Option<u64> {
     parse_start_time(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
+/// The start time of a live process; `None` for a zombie (state Z or X): it has exited, only
+/// its parent has not collected it yet (orphans wait for an init that may be slow to).
 fn parse_start_time(stat: &str) -> Option<u64> {
     // The command name (field 2) is in parentheses and may hold spaces or parentheses itself;
     // the fields after the last ')' start at field 3.
     let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(22 - 3)?.parse().ok()
+    let mut fields = rest.split_whitespace();
+    if matches!(fields.next(), Some("Z" | "X")) {
+        return None;
+    }
+    fields.nth(22 - 4)?.parse().ok()
 }
 
 #[cfg(test)]
@@ -1229,6 +1235,9 @@ mod tests {
         assert_eq!(parse_start_time(&format!("7 (a b) c){fields}")), Some(22));
         assert_eq!(parse_start_time("7 (x) S 1 2"), None);
         assert_eq!(parse_start_time("garbage"), None);
+        let zombie: String = (4..=30).map(|n| format!(" {n}")).collect();
+        assert_eq!(parse_start_time(&format!("7 (x) S{zombie}")), Some(22));
+        assert_eq!(parse_start_time(&format!("7 (x) Z{zombie}")), None);
     }
 
     #[test]
