@@ -6,113 +6,15 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+mod fake_flake;
 mod netns;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{GUEST, NVMM, Output, fnv1a64, kvm_or_skip, run, wait_with_guard};
+use fake_flake::FakeFlake;
 use netns::Netns;
-
-/// A temporary copy of tests/flakes/guests with the test guest and a settings.json.
-struct FakeFlake {
-    dir: PathBuf,
-}
-
-impl FakeFlake {
-    fn new(settings: &str) -> FakeFlake {
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("nvmm-flake-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("state")).unwrap();
-        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/flakes/guests");
-        std::fs::create_dir_all(dir.join("flake")).unwrap();
-        std::fs::copy(fixture.join("flake.nix"), dir.join("flake/flake.nix")).unwrap();
-        std::fs::copy(GUEST, dir.join("flake/guest.elf")).unwrap();
-        let flake = FakeFlake { dir };
-        flake.set(settings);
-        flake
-    }
-
-    /// Changes the configurations (as a user edits their flake).
-    fn set(&self, settings: &str) {
-        std::fs::write(self.dir.join("flake/settings.json"), settings).unwrap();
-    }
-
-    fn path(&self) -> String {
-        self.dir.join("flake").to_string_lossy().into_owned()
-    }
-
-    /// `nvmm ARGS…` with this test's state directories and nix kept off the network.
-    fn nvmm(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(NVMM);
-        self.prepare(&mut cmd, args);
-        cmd
-    }
-
-    /// Like [`nvmm`](Self::nvmm), inside `ns`.
-    fn nvmm_in(&self, ns: &Netns, args: &[&str]) -> Command {
-        let mut cmd = ns.command(NVMM);
-        self.prepare(&mut cmd, args);
-        cmd
-    }
-
-    fn prepare(&self, cmd: &mut Command, args: &[&str]) {
-        require_nix();
-        cmd.args(args)
-            .current_dir(self.dir.join("flake"))
-            .env("NVMM_RUNTIME_DIR", self.dir.join("state/run"))
-            .env("NVMM_STATE_DIR", self.dir.join("state/lib"))
-            // No binary cache can be reached from the test hosts; asking costs seconds.
-            .env("NIX_CONFIG", "substituters =")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-    }
-
-    /// The pid of the background nvmm serving `name`, if any.
-    fn background_pid(&self, name: &str) -> Option<i32> {
-        let pid = std::fs::read_to_string(self.dir.join(format!("state/run/vms/{name}/pid")));
-        pid.ok()?.trim().parse().ok()
-    }
-
-    /// Stops the background VM `name` and waits until its nvmm is gone.
-    fn stop(&self, name: &str) {
-        let Some(pid) = self.background_pid(name) else {
-            return;
-        };
-        // SAFETY: kill only sends a signal.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        // SAFETY: signal 0 only checks that the process exists.
-        while unsafe { libc::kill(pid, 0) } == 0 {
-            assert!(Instant::now() < deadline, "background {name} did not stop");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for FakeFlake {
-    fn drop(&mut self) {
-        for name in ["server", "client", "alpha", "beta"] {
-            self.stop(name);
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn require_nix() {
-    let found = Command::new("nix")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        found,
-        "these tests drive the real nix: run scripts/test, which installs nix-bin"
-    );
-}
 
 fn ok(out: &Output) {
     assert_eq!(out.code(), Some(0), "{out:?}");

@@ -296,9 +296,16 @@ impl VmDir {
         if self.liveness() != Liveness::Dead {
             return false;
         }
-        log::info!("cleaning up after VM {}, whose nvmm died", self.name());
-        self.remove_runtime_files();
-        true
+        // Taking the lock makes sure no new VM of this name started meanwhile; releasing it
+        // removes what the dead one left (its logs stay).
+        match self.lock() {
+            Ok(lock) => {
+                log::info!("cleaned up after VM {}, whose nvmm died", self.name());
+                drop(lock);
+                true
+            }
+            Err(_) => false,
+        }
     }
 }
 
@@ -430,6 +437,7 @@ mod tests {
         assert_eq!(reap_dead(runtime.path()), ["client"]);
         assert_eq!(dir.liveness(), Liveness::Absent);
         assert!(!dir.file("overlay.img").exists());
+        assert!(!dir.file("lock").exists());
         assert!(dir.file("console.log").exists());
         assert!(reap_dead(runtime.path()).is_empty());
     }
