@@ -185,10 +185,15 @@ fn a_fleet_comes_up_talks_stops_dies_and_goes_down_leaving_nothing() {
         walk(&flake.runtime_dir().join("net/nvmm0/members")).is_empty(),
         "no member records"
     );
-    for pid in [beta] {
+    for vm in &fleet {
+        let pid = vm["pid"].as_u64().unwrap();
         let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .is_ok_and(|stat| !stat.contains(") Z "));
-        assert!(!alive, "process {pid} still there");
+        assert!(
+            !alive,
+            "{}'s nvmm (process {pid}) is still there",
+            vm["name"]
+        );
     }
 }
 
