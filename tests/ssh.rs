@@ -339,7 +339,6 @@ fn nvmm_ssh_logs_in_with_the_vms_client_key_and_pins_its_host_key() {
 /// script and its arguments survive. ssh itself joins its command words with spaces for the
 /// remote shell to split again, so nvmm has to quote each one.
 #[test]
-#[ignore = "nvmm ssh hands CMD to ssh unquoted, and ssh joins the words with spaces"]
 fn nvmm_ssh_runs_the_commands_words_unchanged() {
     let Some(mut vm) = Fixture::new("ssh-words") else {
         return;

@@ -191,7 +191,8 @@ pub struct DownArgs {
 pub struct SshArgs {
     /// The VM.
     pub name: String,
-    /// A command to run instead of a login shell (after `--`).
+    /// A command to run instead of a login shell (after `--`), word for word: for a shell
+    /// line, `-- sh -c 'a | b'`.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
 }

@@ -368,7 +368,10 @@ pub fn ssh(args: &SshArgs) -> Result<Outcome, CliError> {
             "root@127.0.0.1",
         ]);
     if !args.command.is_empty() {
-        command.arg("--").args(&args.command);
+        // ssh joins its arguments into one line for the remote shell: quote each word so the
+        // guest runs exactly these words (`-- sh -c 'a | b'` for a shell line).
+        let words: Vec<String> = args.command.iter().map(|w| shell_quote(w)).collect();
+        command.arg("--").arg(words.join(" "));
     }
     log::info!("running {command:?}");
     let err = command.exec();
@@ -382,6 +385,11 @@ pub fn ssh(args: &SshArgs) -> Result<Outcome, CliError> {
             source: err,
         },
     })
+}
+
+/// `word` for a POSIX shell, in single quotes.
+fn shell_quote(word: &str) -> String {
+    format!("'{}'", word.replace('\'', r"'\''"))
 }
 
 /// A plain text table: columns padded to their widest cell.
@@ -448,6 +456,13 @@ mod tests {
             table.render(),
             "NAME    STATE\nserver  running\ndb      -\n"
         );
+    }
+
+    #[test]
+    fn words_are_quoted_for_the_remote_shell() {
+        assert_eq!(shell_quote("plain"), "'plain'");
+        assert_eq!(shell_quote("it's $HOME; ls"), r"'it'\''s $HOME; ls'");
+        assert_eq!(shell_quote(""), "''");
     }
 
     #[test]
