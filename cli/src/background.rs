@@ -69,8 +69,8 @@ impl VmDir {
 /// What `daemonize` returns in each process.
 #[derive(Debug)]
 pub enum Daemon {
-    /// The caller's process: it waited for the VM to start (or fail); `true` if it runs.
-    Parent(bool),
+    /// The caller's process: the background VM is starting.
+    Parent(Starting),
     /// The background process: call [`ReadyPipe::ready`] once the VM runs.
     Child(ReadyPipe),
 }
@@ -122,13 +122,38 @@ pub fn daemonize(vm_dir: &VmDir, name: &str) -> Result<Daemon, BackgroundError> 
         }
         _child => {
             drop(write_end);
-            let mut text = Vec::new();
-            let _ = File::from(read_end).read_to_end(&mut text);
-            let ready = text.windows(READY.len()).position(|w| w == READY);
-            let shown = ready.map_or(&text[..], |at| &text[..at]);
-            let _ = io::stderr().write_all(shown);
-            Ok(Daemon::Parent(ready.is_some()))
+            Ok(Daemon::Parent(Starting {
+                name: name.to_owned(),
+                setup_output: File::from(read_end),
+            }))
         }
+    }
+}
+
+/// A background VM being set up; several can start at once (`nvmm up`), each waited for after.
+#[derive(Debug)]
+pub struct Starting {
+    name: String,
+    setup_output: File,
+}
+
+impl Starting {
+    /// Waits until the VM runs or its nvmm gave up, relaying what it printed meanwhile (its
+    /// errors, its address); `true` if it runs.
+    pub fn wait(mut self) -> bool {
+        let mut text = Vec::new();
+        let _ = self.setup_output.read_to_end(&mut text);
+        let ready = text.windows(READY.len()).position(|w| w == READY);
+        let shown = ready.map_or(&text[..], |at| &text[..at]);
+        let _ = io::stderr().write_all(shown);
+        if ready.is_some() {
+            let name = &self.name;
+            eprintln!(
+                "nvmm: {name} runs in the background; `nvmm console {name}` attaches, \
+                 `nvmm logs {name}` shows its console"
+            );
+        }
+        ready.is_some()
     }
 }
 

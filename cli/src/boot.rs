@@ -84,21 +84,27 @@ pub fn start_targets(args: &BootArgs, targets: &Targets) -> Result<Outcome, CliE
         true => (None, &targets.runners[..]),
         false => (Some(&targets.runners[0]), &targets.runners[1..]),
     };
+    // Forked all at once, so that they set up side by side; then waited for in order.
+    let mut starting = Vec::new();
     for (name, runner) in background {
         match launch(args, name, runner, &network, true, flake)?.start()? {
-            Launched::InBackground(true) => {}
-            Launched::InBackground(false) => {
-                return Err(CliError::BackgroundStart { name: name.clone() });
-            }
+            Launched::InBackground(vm) => starting.push((name, vm)),
             // This is the background process; its VM has ended.
             Launched::Ended(outcome) => return Ok(outcome),
         }
+    }
+    let failed: Vec<String> = starting
+        .into_iter()
+        .filter_map(|(name, vm)| (!vm.wait()).then(|| name.clone()))
+        .collect();
+    if let Some(name) = failed.first() {
+        return Err(CliError::BackgroundStart { name: name.clone() });
     }
     match attached {
         Some((name, runner)) => {
             match launch(args, name, runner, &network, false, flake)?.start()? {
                 Launched::Ended(outcome) => Ok(outcome),
-                Launched::InBackground(started) => Ok(Outcome::Done(started)),
+                Launched::InBackground(vm) => Ok(Outcome::Done(vm.wait())),
             }
         }
         None => Ok(Outcome::Done(true)),

@@ -32,7 +32,7 @@ pub fn run(args: &RunArgs) -> Result<Outcome, CliError> {
         system_disks: None,
     };
     Ok(match launch.start()? {
-        Launched::InBackground(started) => Outcome::Done(started),
+        Launched::InBackground(starting) => Outcome::Done(starting.wait()),
         Launched::Ended(outcome) => outcome,
     })
 }
@@ -68,8 +68,8 @@ pub struct NetworkRequest {
 /// What [`Launch::start`] returns in the process that called it.
 #[derive(Debug)]
 pub enum Launched {
-    /// The VM was handed to a background process; `true` if it started.
-    InBackground(bool),
+    /// The VM was handed to a background process, which is setting it up.
+    InBackground(background::Starting),
     /// The VM ran in this process (the foreground, or the background process itself) and ended.
     Ended(Outcome),
 }
@@ -94,15 +94,7 @@ impl Launch {
         if detach {
             // Before anything starts a thread: the daemon is forked here.
             match background::daemonize(&vm_dir, &name)? {
-                Daemon::Parent(started) => {
-                    if started {
-                        eprintln!(
-                            "nvmm: {name} runs in the background; `nvmm console {name}` attaches, \
-                             `nvmm logs {name}` shows its console"
-                        );
-                    }
-                    return Ok(Launched::InBackground(started));
-                }
+                Daemon::Parent(starting) => return Ok(Launched::InBackground(starting)),
                 Daemon::Child(ready) => {
                     config.console.backend = vm_dir.console_backend();
                     config.console.stdin = false;
