@@ -221,6 +221,7 @@ fn launch(
     };
     Ok(Launch {
         name: name.to_owned(),
+        registered: true,
         flake: flake.map(str::to_owned),
         config,
         detach,

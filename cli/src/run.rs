@@ -18,6 +18,7 @@ const GUEST_SSH_PORT: u16 = 22;
 pub fn run(args: &RunArgs) -> Result<Outcome, CliError> {
     let launch = Launch {
         name: args.vm_name(),
+        registered: args.name.is_some() || args.detach || args.net.is_some(),
         flake: None,
         config: args.vm_config(),
         detach: args.detach,
@@ -42,6 +43,11 @@ pub fn run(args: &RunArgs) -> Result<Outcome, CliError> {
 pub struct Launch {
     /// The VM's name.
     pub name: String,
+    /// Whether the VM holds its name in nvmm's state (lock, `vm.json`, control socket), so that
+    /// `ps`, `stop`, `ssh` see it and a second VM of that name is refused. Every VM but a
+    /// foreground `nvmm run` without `--name`, `--net` or `-d`: several of those may boot the
+    /// same kernel at once.
+    pub registered: bool,
     /// The flake it comes from (`nvmm boot`), for `ps` and `down`.
     pub flake: Option<String>,
     /// The machine.
@@ -79,6 +85,7 @@ impl Launch {
     pub fn start(self) -> Result<Launched, CliError> {
         let Launch {
             name,
+            registered,
             flake,
             mut config,
             detach,
@@ -88,7 +95,9 @@ impl Launch {
         } = self;
         let started = std::time::Instant::now();
         let (runtime_dir, state_dir) = host::state_dirs();
-        state::reap_dead(&runtime_dir);
+        if registered {
+            state::reap_dead(&runtime_dir);
+        }
         let vm_dir = VmDir::new(&runtime_dir, &name);
         let mut background = None;
         if detach {
@@ -103,7 +112,10 @@ impl Launch {
             }
         }
         // The name is this process's until it ends; the lock's drop removes the runtime files.
-        let _lock = vm_dir.lock()?;
+        let _lock = match registered {
+            true => Some(vm_dir.lock()?),
+            false => None,
+        };
         // On an error below, dropping it still stops forwarding and removes the tap.
         let network = match &network {
             Some(request) => Some(join_network(&name, request, cmdline_network, &mut config)?),
@@ -131,22 +143,26 @@ impl Launch {
             network: network.as_ref().map(VmNetwork::record),
             ssh: disks.as_ref().and_then(|d| d.ssh.clone()),
         };
-        vm_dir.write_record(&record)?;
+        if registered {
+            vm_dir.write_record(&record)?;
+        }
         let vm = nvmm_vmm::build_and_boot(&config)?;
-        control::serve(
-            &vm_dir.file("control.sock"),
-            Controls {
-                name: name.clone(),
-                stop: vm.stop_handle(),
-                shutdown: vm.shutdown_handle(),
-                console: detach.then(|| vm_dir.file("console.sock")),
-                started,
-            },
-        )
-        .map_err(|source| CliError::Control {
-            path: vm_dir.file("control.sock"),
-            source,
-        })?;
+        if registered {
+            control::serve(
+                &vm_dir.file("control.sock"),
+                Controls {
+                    name: name.clone(),
+                    stop: vm.stop_handle(),
+                    shutdown: vm.shutdown_handle(),
+                    console: detach.then(|| vm_dir.file("console.sock")),
+                    started,
+                },
+            )
+            .map_err(|source| CliError::Control {
+                path: vm_dir.file("control.sock"),
+                source,
+            })?;
+        }
         let exit = serve(vm, background.as_mut())?;
         if let Some(network) = network {
             network.leave();
