@@ -35,7 +35,6 @@ pub fn up(args: &UpArgs) -> Result<Outcome, CliError> {
         .into());
     }
     let (runtime_dir, _) = host::state_dirs();
-    state::reap_dead(&runtime_dir);
     let (running, to_boot): (Vec<String>, Vec<String>) = names
         .iter()
         .cloned()

@@ -16,9 +16,13 @@ const GUEST_SSH_PORT: u16 = 22;
 
 /// `nvmm run`: boots the kernel and serves it until it ends.
 pub fn run(args: &RunArgs) -> Result<Outcome, CliError> {
+    let registered = args.name.is_some() || args.detach || args.net.is_some();
+    if registered {
+        state::reap_dead(&host::state_dirs().0);
+    }
     let launch = Launch {
         name: args.vm_name(),
-        registered: args.name.is_some() || args.detach || args.net.is_some(),
+        registered,
         flake: None,
         config: args.vm_config(),
         detach: args.detach,
@@ -82,6 +86,7 @@ pub enum Launched {
 
 impl Launch {
     /// Starts the VM: in a background process (`detach`), else here, attached to this terminal.
+    /// Callers reap dead VMs first ([`state::reap_dead`]), once for all they start.
     pub fn start(self) -> Result<Launched, CliError> {
         let Launch {
             name,
@@ -95,9 +100,6 @@ impl Launch {
         } = self;
         let started = std::time::Instant::now();
         let (runtime_dir, state_dir) = host::state_dirs();
-        if registered {
-            state::reap_dead(&runtime_dir);
-        }
         let vm_dir = VmDir::new(&runtime_dir, &name);
         let mut background = None;
         if detach {
