@@ -25,8 +25,10 @@ Options:
   --mib MIB     sequential size (default 64)
   --ios N       random reads (default 2000)
   --dir DIR     where the scratch disk goes (default /var/tmp)
-  --nvmm PATH   nvmm binary (default target/release/nvmm, built if missing)
-  --guest PATH  test guest ELF (default: the one cargo built for target/release/nvmm)
+  --nvmm PATH   nvmm binary (default target/x86_64-unknown-linux-gnu/release/nvmm, the static
+                build of scripts/lib.sh build_release_nvmm, built if missing)
+  --guest PATH  test guest ELF (default $NVMM_TEST_GUEST, else the one cargo built beside the
+                nvmm binary)
   --only WHICH  measure only nvmm or only qemu
   --json FILE   also write the figures as JSON
 USAGE

@@ -23,9 +23,10 @@ times: shared machines are noisy.
 Options:
   -n N            runs per monitor (default 20)
   --mem MIB       guest memory in MiB (default 128)
-  --nvmm PATH     nvmm binary (default target/release/nvmm, built if missing)
-  --guest PATH    test guest ELF (default $NVMM_TEST_GUEST, else the one cargo built for
-                  target/release/nvmm)
+  --nvmm PATH     nvmm binary (default target/x86_64-unknown-linux-gnu/release/nvmm, the
+                  static build of scripts/lib.sh build_release_nvmm, built if missing)
+  --guest PATH    test guest ELF (default $NVMM_TEST_GUEST, else the one cargo built beside
+                  the nvmm binary)
   --only WHICH    measure only nvmm or only qemu
   --json FILE     also write the figures as JSON
   -h, --help      this text

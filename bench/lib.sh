@@ -3,10 +3,18 @@
 
 die() { echo "${0##*/}: error: $*" >&2; exit 1; }
 
+# build_release_nvmm and NVMM_RELEASE_BIN: the static release build that is benchmarked.
+# shellcheck source=scripts/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib.sh"
+
 # Moves to the repository root, checks python3, /dev/kvm and (unless $1 is "nvmm") QEMU, and
-# fills in $nvmm and $guest where the caller left them empty.
+# fills in $nvmm and $guest where the caller left them empty: nvmm is NVMM_RELEASE_BIN (built
+# by build_release_nvmm if missing), the guest the one cargo built beside the nvmm binary.
 bench_setup() {
-    local only=$1
+    local only=$1 dir
+    # Paths given by the caller are relative to where it was started.
+    [[ -z $nvmm ]] || nvmm=$(realpath -m "$nvmm")
+    [[ -z $guest ]] || guest=$(realpath -m "$guest")
     cd "$(dirname "${BASH_SOURCE[0]}")/.." || die "cannot enter the repository"
     command -v python3 >/dev/null || die "python3 not found (apt-get install python3)"
     [[ -r /dev/kvm && -w /dev/kvm ]] || die "/dev/kvm is missing or not accessible"
@@ -14,15 +22,21 @@ bench_setup() {
         die "qemu-system-x86_64 not found; install it with: apt-get install -y qemu-system-x86 (or use --only nvmm)"
     fi
     if [[ -z $nvmm ]]; then
-        nvmm=target/release/nvmm
-        [[ -x $nvmm ]] || cargo build --release -p nvmm >&2 || die "building nvmm failed"
+        nvmm=$NVMM_RELEASE_BIN
+        [[ -x $nvmm ]] || build_release_nvmm >&2 || die "building nvmm failed"
     fi
+    [[ -x $nvmm ]] || die "nvmm binary not found or not executable: $nvmm"
     if [[ -z $guest ]]; then
-        # The guest cli/build.rs built for this nvmm binary.
-        # shellcheck disable=SC2012 # build paths are plain; ls -t gives the newest
-        guest=$(ls -t target/release/build/nvmm-*/out/guest/release/nvmm-test-guest 2>/dev/null | head -n 1)
+        # The guest cli/build.rs built for this nvmm binary, else for the default one.
+        for dir in "$(dirname "$nvmm")" "$(dirname "$NVMM_RELEASE_BIN")"; do
+            # shellcheck disable=SC2012 # build paths are plain; ls -t gives the newest
+            guest=$(ls -t "$dir"/build/nvmm-*/out/guest/release/nvmm-test-guest 2>/dev/null |
+                head -n 1)
+            [[ -z $guest ]] || break
+        done
     fi
-    [[ -f $guest ]] || die "test guest ELF not found (build nvmm with cargo build --release, or use --guest)"
+    [[ -f $guest ]] ||
+        die "test guest ELF not found (build nvmm with build_release_nvmm, or use --guest)"
     nvmm=$(realpath "$nvmm")
     guest=$(realpath "$guest")
     export PYTHONPATH="$PWD/bench${PYTHONPATH:+:$PYTHONPATH}"

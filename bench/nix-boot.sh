@@ -31,9 +31,10 @@ machines are noisy, and on kvm-pvm hosts the guest's instructions are emulated.
 
 Options:
   -n N            runs of each (default 10)
-  --nvmm PATH     nvmm binary (default target/release/nvmm, built if missing)
-  --guest PATH    test guest ELF (default $NVMM_TEST_GUEST, else the one cargo built for
-                  target/release/nvmm)
+  --nvmm PATH     nvmm binary (default target/x86_64-unknown-linux-gnu/release/nvmm, the
+                  static build of scripts/lib.sh build_release_nvmm, built if missing)
+  --guest PATH    test guest ELF (default $NVMM_TEST_GUEST, else the one cargo built beside
+                  the nvmm binary)
   --only WHICH    nvmm: A, B, B-v and C only (no QEMU needed); qemu: A and the peer only
   --json FILE     also write the figures as JSON
   -h, --help      this text

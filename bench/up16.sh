@@ -45,9 +45,10 @@ Options:
   -n N            measured rounds of each (default 3)
   --count N       VMs per round (default 16)
   --mem MIB       guest memory in MiB (default 32)
-  --nvmm PATH     nvmm binary (default target/release/nvmm, built if missing)
-  --guest PATH    test guest ELF (default $NVMM_TEST_GUEST, else the one cargo built for
-                  target/release/nvmm)
+  --nvmm PATH     nvmm binary (default target/x86_64-unknown-linux-gnu/release/nvmm, the
+                  static build of scripts/lib.sh build_release_nvmm, built if missing)
+  --guest PATH    test guest ELF (default $NVMM_TEST_GUEST, else the one cargo built beside
+                  the nvmm binary)
   --only WHICH    nvmm: up and run only (no QEMU needed); qemu: qemu only
   --json FILE     also write the figures as JSON
   -h, --help      this text
@@ -180,11 +181,14 @@ def memory_kib(pids):
     """Rss, Pss and Anonymous of smaps_rollup, each summed over pids."""
     total = {"Rss:": 0, "Pss:": 0, "Anonymous:": 0}
     for pid in pids:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                fields = line.split()
-                if fields[0] in total:
-                    total[fields[0]] += int(fields[1])
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    fields = line.split()
+                    if fields[0] in total:
+                        total[fields[0]] += int(fields[1])
+        except (FileNotFoundError, ProcessLookupError):
+            raise Failure(f"VM process {pid} ended before its memory was read") from None
     return total["Rss:"], total["Pss:"], total["Anonymous:"]
 
 
