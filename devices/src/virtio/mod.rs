@@ -161,6 +161,25 @@ pub fn checked_queues<const N: usize>(
         })
 }
 
+/// Re-enables notifications on `queue` and says whether the driver made more chains available
+/// meanwhile, so the caller should drain the queue again.
+///
+/// virtio-queue's `enable_notification` answers that by comparing the available index with the
+/// next one to pop. On a ring the driver broke (the available index more than a queue size
+/// ahead, or the available ring at address 0) `pop_descriptor_chain` refuses to pop anything
+/// while that comparison still says "more", and a drain loop would spin forever on the VMM's
+/// event-loop thread. Such a ring is an error here instead.
+pub fn more_available(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+) -> Result<bool, virtio_queue::Error> {
+    use virtio_queue::{QueueOwnedT, QueueT};
+    if !queue.enable_notification(mem)? {
+        return Ok(false);
+    }
+    queue.iter(mem).map(|_| true)
+}
+
 /// Logs each kind of guest error once per device, so a hostile guest cannot flood the log.
 #[derive(Debug, Default)]
 pub struct LogOnce {

@@ -57,6 +57,11 @@ impl TestRing {
         self.next_desc = (start + descs.len() as u16) % self.size;
     }
 
+    /// Sets the available ring's index, as a driver that broke its ring might.
+    pub fn set_avail_idx(&self, mem: &GuestMemoryMmap, idx: u16) {
+        mem.write_obj(idx, GuestAddress(self.avail + 2)).unwrap();
+    }
+
     /// The used ring's index.
     pub fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
         mem.read_obj(GuestAddress(self.used + 2)).unwrap()
@@ -75,4 +80,14 @@ impl TestRing {
     pub fn all_used(&self, mem: &GuestMemoryMmap) -> Vec<(u32, u32)> {
         (0..self.used_idx(mem)).map(|i| self.used(mem, i)).collect()
     }
+}
+
+/// Runs `f` on a thread and fails the test unless it returns within five seconds: whatever a
+/// guest writes, a device must never spin.
+pub fn returns_promptly<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (done, result) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done.send(f()));
+    result
+        .recv_timeout(std::time::Duration::from_secs(5))
+        .expect("the device did not return (it spins)")
 }

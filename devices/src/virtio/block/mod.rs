@@ -192,7 +192,7 @@ impl Block {
             while let Some(chain) = state.queue.pop_descriptor_chain(&mem) {
                 completed.push(ParsedChain::parse(chain, &mem));
             }
-            match state.queue.enable_notification(&mem) {
+            match super::more_available(&mut state.queue, &mem) {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(err) => {

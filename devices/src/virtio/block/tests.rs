@@ -8,7 +8,7 @@ use virtio_bindings::virtio_blk::{
 };
 
 use super::*;
-use crate::virtio::test_ring::TestRing;
+use crate::virtio::test_ring::{TestRing, returns_promptly};
 
 const HEADER: u64 = 0x10_0000;
 const DATA: u64 = 0x11_0000;
@@ -321,4 +321,17 @@ fn activation_needs_exactly_one_valid_queue() {
             .unwrap_err(),
         ActivateError::InvalidQueue(0)
     );
+}
+
+#[test]
+fn an_available_index_more_than_a_queue_ahead_does_not_hang() {
+    // Found by fuzz/blk: the driver claims more chains than the ring holds; virtio-queue pops
+    // none of them, and the drain loop used to spin on "more available" forever.
+    let mut h = harness("avail-too-far", false);
+    h.ring.set_avail_idx(&h.mem, QUEUE_SIZE + 1);
+    let h = returns_promptly(move || {
+        h.block.process_queue();
+        h
+    });
+    assert_eq!(h.ring.used_idx(&h.mem), 0);
 }

@@ -132,7 +132,7 @@ impl Console {
         while !self.staged.is_empty() {
             let Some(chain) = state.rx.pop_descriptor_chain(&mem) else {
                 // Ask to be told when the guest posts buffers again.
-                match state.rx.enable_notification(&mem) {
+                match super::more_available(&mut state.rx, &mem) {
                     Ok(true) => continue,
                     _ => break,
                 }
@@ -194,7 +194,7 @@ impl Console {
                 }
                 used_any |= state.tx.add_used(&mem, head, 0).is_ok();
             }
-            match state.tx.enable_notification(&mem) {
+            match super::more_available(&mut state.tx, &mem) {
                 Ok(true) => continue,
                 _ => break,
             }

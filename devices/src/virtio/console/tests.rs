@@ -5,7 +5,7 @@ use std::sync::Mutex;
 use vm_memory::GuestAddress;
 
 use super::*;
-use crate::virtio::test_ring::TestRing;
+use crate::virtio::test_ring::{TestRing, returns_promptly};
 
 #[derive(Clone, Default)]
 struct Screen(Arc<Mutex<Vec<u8>>>);
@@ -141,4 +141,19 @@ fn writable_transmit_buffers_are_dropped() {
     h.console.process_tx();
     assert!(h.screen.0.lock().unwrap().is_empty());
     assert_eq!(h.tx.all_used(&h.mem).len(), 1, "returned anyway");
+}
+
+#[test]
+fn an_available_index_more_than_a_queue_ahead_does_not_hang() {
+    // Found by fuzz/console: see the same test in block/tests.rs.
+    let mut h = harness();
+    h.tx.set_avail_idx(&h.mem, QUEUE_SIZE + 1);
+    h.rx.set_avail_idx(&h.mem, QUEUE_SIZE + 1);
+    let h = returns_promptly(move || {
+        h.console.process_tx();
+        assert_eq!(h.console.push(b"typed"), 5, "staged");
+        h
+    });
+    assert_eq!(h.tx.used_idx(&h.mem), 0);
+    assert_eq!(h.rx.used_idx(&h.mem), 0);
 }

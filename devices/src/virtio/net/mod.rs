@@ -227,7 +227,7 @@ impl<B: FrameBackend> Net<B> {
             chains.clear();
             state.rx.set_next_avail(first_avail);
             room = 0;
-            match state.rx.enable_notification(&mem) {
+            match super::more_available(&mut state.rx, &mem) {
                 Ok(true) => {
                     let _ = state.rx.disable_notification(&mem);
                 }
@@ -295,7 +295,10 @@ impl<B: FrameBackend> Net<B> {
                     let _ = state.tx.add_used(&mem, head, 0);
                 }
             }
-            match self.queues().map(|s| s.tx.enable_notification(&mem)) {
+            match self
+                .queues()
+                .map(|s| super::more_available(&mut s.tx, &mem))
+            {
                 Some(Ok(true)) => continue,
                 _ => break,
             }

@@ -5,7 +5,7 @@ use std::os::unix::net::UnixDatagram;
 use vm_memory::GuestAddress;
 
 use super::*;
-use crate::virtio::test_ring::TestRing;
+use crate::virtio::test_ring::{TestRing, returns_promptly};
 
 const RX_BASE: u64 = 0;
 const TX_BASE: u64 = 0x1_0000;
@@ -203,4 +203,20 @@ fn offloads_follow_the_guest_features() {
     assert_eq!(offload_flags(csum_tso), TUN_F_CSUM | TUN_F_TSO4);
     // TSO without checksum offload is not allowed by the tap.
     assert_eq!(offload_flags(1 << VIRTIO_NET_F_GUEST_TSO6), 0);
+}
+
+#[test]
+fn an_available_index_more_than_a_queue_ahead_does_not_hang() {
+    // Found by fuzz/net: see the same test in block/tests.rs.
+    let mut h = harness(false);
+    h.tx.set_avail_idx(&h.mem, SIZE + 1);
+    h.rx.set_avail_idx(&h.mem, SIZE + 1);
+    h.peer.send(&frame(100)).unwrap();
+    let h = returns_promptly(move || {
+        h.net.process_tx();
+        h.net.process_rx();
+        h
+    });
+    assert_eq!(h.tx.used_idx(&h.mem), 0);
+    assert_eq!(h.rx.used_idx(&h.mem), 0);
 }
