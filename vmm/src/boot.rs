@@ -219,7 +219,11 @@ pub fn load_initrd(
         .filter(|max| *max != 0)
         .unwrap_or(DEFAULT_INITRD_ADDR_MAX);
     let top = layout::low_ram_end(mem_bytes).min(addr_max + 1);
-    let lowest = kernel.end.next_multiple_of(PAGE_SIZE);
+    // A kernel image whose segments end in the last page of the address space leaves no room.
+    let lowest = kernel
+        .end
+        .checked_next_multiple_of(PAGE_SIZE)
+        .unwrap_or(u64::MAX);
     let available = top.saturating_sub(lowest);
     let too_large = || BootError::InitrdTooLarge {
         path: path.to_owned(),
@@ -467,6 +471,25 @@ mod tests {
         file.set_len(15 << 20).unwrap();
         let err = load_initrd(&mem(16), &elf_kernel(), &path, 16 << 20).unwrap_err();
         assert!(matches!(err, BootError::InitrdTooLarge { size, .. } if size == 15 << 20));
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_kernel_ending_at_the_top_of_the_address_space_leaves_no_room_for_an_initrd() {
+        // Found by fuzz/boot_writers: an ELF segment with p_memsz near 2^64 made rounding the
+        // kernel's end up to a page overflow (a panic in debug builds, an initrd over the
+        // kernel in release builds).
+        let path = std::env::temp_dir().join(format!("nvmm-initrd-top-{}", std::process::id()));
+        std::fs::write(&path, [0u8; 100]).unwrap();
+        let kernel = LoadedKernel {
+            end: u64::MAX - 10,
+            ..elf_kernel()
+        };
+        let err = load_initrd(&mem(16), &kernel, &path, 16 << 20).unwrap_err();
+        assert!(matches!(
+            err,
+            BootError::InitrdTooLarge { available: 0, .. }
+        ));
         std::fs::remove_file(&path).unwrap();
     }
 
