@@ -62,6 +62,11 @@ impl TestRing {
         mem.write_obj(idx, GuestAddress(self.avail + 2)).unwrap();
     }
 
+    /// Where the used ring is.
+    pub fn used_addr(&self) -> u64 {
+        self.used
+    }
+
     /// The used ring's index.
     pub fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
         mem.read_obj(GuestAddress(self.used + 2)).unwrap()

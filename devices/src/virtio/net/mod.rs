@@ -222,12 +222,16 @@ impl<B: FrameBackend> Net<B> {
                 }
                 continue;
             }
-            // Not enough buffers yet: give back what was taken and ask to be notified; if the
-            // guest added buffers meanwhile, start over with them.
+            // Not enough buffers yet: ask to be notified, then give back what was taken; if the
+            // guest added buffers meanwhile, start over with them. Notifications are re-enabled
+            // before rewinding, so the guest's index is compared with where popping stopped
+            // (compared with the chains given back, it always looks like more and this loops
+            // forever), and with event idx the guest is asked to notify for its next buffer.
+            let more = super::more_available(&mut state.rx, &mem);
             chains.clear();
             state.rx.set_next_avail(first_avail);
             room = 0;
-            match super::more_available(&mut state.rx, &mem) {
+            match more {
                 Ok(true) => {
                     let _ = state.rx.disable_notification(&mem);
                 }

@@ -220,3 +220,42 @@ fn an_available_index_more_than_a_queue_ahead_does_not_hang() {
     assert_eq!(h.tx.used_idx(&h.mem), 0);
     assert_eq!(h.rx.used_idx(&h.mem), 0);
 }
+
+#[test]
+fn a_frame_waiting_for_more_mergeable_buffers_does_not_hang() {
+    // Found by fuzz/net: with MRG_RXBUF and too few buffers for a frame, receive gave the
+    // buffers back and then asked virtio-queue whether more were available, which compares with
+    // the position given back: always "more", so it retried forever.
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+    let (ours, peer) = UnixDatagram::pair().unwrap();
+    ours.set_nonblocking(true).unwrap();
+    let mut net = Net::new(ours, [0x52, 0x54, 0, 0x12, 0x34, 0x56]).unwrap();
+    let (mut rxq, mut rx) = TestRing::new(&mem, RX_BASE, SIZE);
+    let (txq, _tx) = TestRing::new(&mem, TX_BASE, SIZE);
+    rxq.set_event_idx(true);
+    let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    net.activate(
+        mem.clone(),
+        Arc::new(IrqTrigger::new(irq)),
+        1 << VIRTIO_NET_F_MRG_RXBUF,
+        vec![rxq, txq],
+    )
+    .unwrap();
+    rx.add_chain(&mem, &[(0x20_0000, 512, true)]);
+    let f = frame(1000);
+    peer.send(&f).unwrap();
+    let (mut net, mem, mut rx) = returns_promptly(move || {
+        net.process_rx();
+        (net, mem, rx)
+    });
+    assert_eq!(rx.used_idx(&mem), 0, "the buffer was given back");
+    // With event idx, the guest notifies when it adds its next buffer (avail_event = 1).
+    let avail_event: u16 = mem
+        .read_obj(GuestAddress(rx.used_addr() + 4 + 8 * u64::from(SIZE)))
+        .unwrap();
+    assert_eq!(avail_event, 1);
+    rx.add_chain(&mem, &[(0x21_0000, 512, true)]);
+    net.process_rx();
+    assert_eq!(rx.used_idx(&mem), 2, "one frame in two buffers");
+    assert_eq!(net.counters().rx_frames, 1);
+}
