@@ -13,7 +13,7 @@ use std::sync::Arc;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
@@ -28,6 +28,8 @@ pub const VIRTIO_CONSOLE_F_SIZE: u32 = 0;
 pub const QUEUE_SIZE: u16 = 64;
 /// Input staged for the guest at most; beyond it the terminal is not read.
 pub const INPUT_STAGING: usize = 4096;
+/// Guest output is copied in pieces of at most this many bytes, whatever a descriptor's length.
+const TX_CHUNK: usize = 64 * 1024;
 const RX: usize = 0;
 const TX: usize = 1;
 
@@ -57,7 +59,7 @@ pub struct Console {
     state: DeviceState,
     output: Box<dyn Write + Send>,
     staged: VecDeque<u8>,
-    /// Reused for every transmit buffer, so output costs no allocation per buffer.
+    /// Guest output is copied through this buffer of [`TX_CHUNK`] bytes, allocated once.
     tx_buf: Vec<u8>,
     room: EventFd,
     trouble: LogOnce,
@@ -92,7 +94,7 @@ impl Console {
             state: DeviceState::Inactive,
             output,
             staged: VecDeque::with_capacity(INPUT_STAGING),
-            tx_buf: Vec::new(),
+            tx_buf: vec![0; TX_CHUNK],
             room,
             trouble: LogOnce::default(),
         })
@@ -178,18 +180,29 @@ impl Console {
             }
             while let Some(chain) = state.tx.pop_descriptor_chain(&mem) {
                 let head = chain.head_index();
-                for desc in chain {
-                    if desc.is_write_only() {
+                'descriptors: for desc in chain {
+                    let len = desc.len() as usize;
+                    if desc.is_write_only() || !mem.check_range(desc.addr(), len) {
                         malformed = true;
                         break;
                     }
-                    self.tx_buf.resize(desc.len() as usize, 0);
-                    if mem.read_slice(&mut self.tx_buf, desc.addr()).is_err() {
-                        malformed = true;
-                        break;
-                    }
-                    if let Err(err) = self.output.write_all(&self.tx_buf) {
-                        output_failed = Some(err);
+                    // In pieces of at most TX_CHUNK bytes: a descriptor may be 4 GiB long.
+                    let mut copied = 0;
+                    while copied < len {
+                        let n = (len - copied).min(TX_CHUNK);
+                        let buf = &mut self.tx_buf[..n];
+                        let read = desc
+                            .addr()
+                            .checked_add(copied as u64)
+                            .is_some_and(|addr| mem.read_slice(buf, addr).is_ok());
+                        if !read {
+                            malformed = true;
+                            break 'descriptors;
+                        }
+                        if let Err(err) = self.output.write_all(buf) {
+                            output_failed = Some(err);
+                        }
+                        copied += n;
                     }
                 }
                 used_any |= state.tx.add_used(&mem, head, 0).is_ok();

@@ -157,3 +157,21 @@ fn an_available_index_more_than_a_queue_ahead_does_not_hang() {
     assert_eq!(h.tx.used_idx(&h.mem), 0);
     assert_eq!(h.rx.used_idx(&h.mem), 0);
 }
+
+#[test]
+fn long_transmit_descriptors_are_copied_through_a_bounded_buffer() {
+    // Found by fuzz/console: each transmit descriptor was copied through a buffer of its own
+    // length, so a guest could make the VMM allocate and zero up to 4 GiB per descriptor.
+    let mut h = harness();
+    h.tx.add_chain(&h.mem, &[(0x30_0000, 0x100_0000, false)]); // past guest memory: dropped
+    h.mem
+        .write_slice(&[b'z'; 0x20_0000], GuestAddress(0x20_0000))
+        .unwrap();
+    h.tx.add_chain(&h.mem, &[(0x20_0000, 0x20_0000, false)]);
+    h.console.process_tx();
+    let screen = h.screen.0.lock().unwrap();
+    assert_eq!(screen.len(), 0x20_0000);
+    assert!(screen.iter().all(|b| *b == b'z'));
+    assert!(h.console.tx_buf.capacity() <= TX_CHUNK);
+    assert_eq!(h.tx.all_used(&h.mem).len(), 2, "both returned");
+}
