@@ -125,6 +125,10 @@ pub struct BootArgs {
     /// Show the build logs of everything nix builds (also with -v).
     #[arg(short = 'L', long)]
     pub print_build_logs: bool,
+    /// Run without seccomp filters. For debugging nvmm only: use it when nvmm stopped with
+    /// "made a forbidden system call", and report that as a bug.
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 /// `nvmm up`.
@@ -148,6 +152,10 @@ pub struct UpArgs {
     /// Show the build logs of everything nix builds (also with -v).
     #[arg(short = 'L', long)]
     pub print_build_logs: bool,
+    /// Run without seccomp filters. For debugging nvmm only: use it when nvmm stopped with
+    /// "made a forbidden system call", and report that as a bug.
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 /// `nvmm ps`.
@@ -273,6 +281,10 @@ pub struct RunArgs {
     /// How the guest learns about virtio devices: the kernel command line, ACPI, or both.
     #[arg(long, value_name = "HOW", default_value = "both")]
     pub virtio_discovery: Discovery,
+    /// Run without seccomp filters. For debugging nvmm only: use it when nvmm stopped with
+    /// "made a forbidden system call", and report that as a bug.
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 /// `--console` values.
@@ -442,6 +454,7 @@ impl RunArgs {
             disks: self.disk.clone(),
             nets: self.tap.clone(),
             virtio_discovery: self.virtio_discovery.into(),
+            seccomp: !self.no_seccomp,
         }
     }
 }

@@ -218,6 +218,7 @@ fn launch(
             RunnerDiscovery::Acpi => nvmm_vmm::VirtioDiscovery::Acpi,
             RunnerDiscovery::Both => nvmm_vmm::VirtioDiscovery::Both,
         },
+        seccomp: !args.no_seccomp,
     };
     Ok(Launch {
         name: name.to_owned(),

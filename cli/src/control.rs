@@ -14,6 +14,7 @@
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use nvmm_vmm::{ShutdownHandle, StopHandle};
@@ -68,14 +69,31 @@ pub struct Controls {
     pub started: Instant,
 }
 
-/// Serves `path` on a thread of its own until the process ends.
-pub fn serve(path: &Path, controls: Controls) -> io::Result<()> {
+/// Serves `path` on a thread of its own until the process ends. With `sandboxed`, the thread
+/// installs its seccomp filter ([`crate::sandbox::control_thread`]) before it answers anything.
+pub fn serve(path: &Path, controls: Controls, sandboxed: bool) -> io::Result<()> {
     // A socket file left by a dead VM of this name; the VM lock says this process owns the name.
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
+    let filter = match sandboxed {
+        true => Some(
+            crate::sandbox::control_thread()
+                .compile("control")
+                .map_err(io::Error::other)?,
+        ),
+        false => None,
+    };
+    let (installed, filter_installed) = mpsc::sync_channel(1);
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
+            if let Some(filter) = filter {
+                if let Err(err) = nvmm_vmm::seccomp::install(&filter) {
+                    let _ = installed.send(Err(err));
+                    return;
+                }
+            }
+            let _ = installed.send(Ok(()));
             for stream in listener.incoming() {
                 match stream {
                     Ok(stream) => {
@@ -87,7 +105,11 @@ pub fn serve(path: &Path, controls: Controls) -> io::Result<()> {
                 }
             }
         })?;
-    Ok(())
+    // The thread sends before anything else, so this only fails if it could not.
+    match filter_installed.recv() {
+        Ok(Err(err)) => Err(io::Error::other(err)),
+        _ => Ok(()),
+    }
 }
 
 fn answer(stream: UnixStream, controls: &Controls) -> io::Result<()> {

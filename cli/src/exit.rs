@@ -3,7 +3,14 @@
 //!
 //! Exit codes: 0 the VM ended normally (power-off, reset, Ctrl-A x) or the command succeeded;
 //! 1 nvmm could not do what was asked; 2 bad command-line usage (clap); 3 the guest crashed
-//! (triple fault, KVM emulation failure); 128 + N stopped by signal N.
+//! (triple fault, KVM emulation failure); 4 nvmm broke its own sandbox (a thread made a system
+//! call its seccomp filter forbids: a bug in nvmm, reported by the SIGSYS handler in
+//! sandbox.rs); 128 + N stopped by signal N.
+//!
+//! The sandbox gets a code of its own rather than 128 + SIGSYS (159): 128 + N means that
+//! something outside asked nvmm to stop and it stopped cleanly, while 4 continues the "whose
+//! fault" scale of 1 to 3 (the host or the request, the command line, the guest) with nvmm
+//! itself, and a script can tell it apart from a guest crash.
 
 use std::process::ExitCode;
 
@@ -18,6 +25,8 @@ use nvmm_vmm::{ConfigError, VmExit};
 pub const EXIT_ERROR: u8 = 1;
 /// The guest crashed.
 pub const EXIT_GUEST_FAILED: u8 = 3;
+/// A thread made a system call its seccomp filter forbids (a bug in nvmm).
+pub const EXIT_SANDBOX: u8 = 4;
 
 /// Errors of the nvmm command.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +40,9 @@ pub enum CliError {
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
+    /// A seccomp filter could not be built or installed.
+    #[error(transparent)]
+    Seccomp(#[from] nvmm_vmm::seccomp::SeccompError),
     /// Network set-up failed.
     #[error(transparent)]
     Net(#[from] crate::net::host::NetError),

@@ -56,6 +56,7 @@ pub fn up(args: &UpArgs) -> Result<Outcome, CliError> {
             net: args.net.clone(),
             subnet: args.subnet,
             print_build_logs: args.print_build_logs,
+            no_seccomp: args.no_seccomp,
         };
         let targets = boot::build_targets(flake, to_boot, args.print_build_logs)?;
         match start_targets(&boot_args, &targets)? {

@@ -13,6 +13,7 @@ mod net;
 mod nix;
 mod run;
 mod runner;
+mod sandbox;
 mod ssh;
 mod state;
 mod terminal;

@@ -8,6 +8,7 @@ use crate::control::{self, Controls};
 use crate::exit::{CliError, Outcome};
 use crate::net::forward::{ForwardSpec, Forwarder};
 use crate::net::host::{self, Membership, Network, NetworkConfig};
+use crate::sandbox;
 use crate::state::{self, ForwardRecord, NetworkRecord, VmDir, VmRecord};
 use crate::terminal::{self, RawTerminal};
 
@@ -99,6 +100,7 @@ impl Launch {
             system_disks,
         } = self;
         let started = std::time::Instant::now();
+        let sandboxed = config.seccomp;
         let (runtime_dir, state_dir) = host::state_dirs();
         let vm_dir = VmDir::new(&runtime_dir, &name);
         let mut background = None;
@@ -112,6 +114,13 @@ impl Launch {
                     background = Some(ready);
                 }
             }
+        }
+        // Before the first filter: a forbidden call is reported, not a silent SIGSYS death.
+        match sandboxed {
+            true => sandbox::report_violations().map_err(CliError::Signals)?,
+            false => log::warn!(
+                "--no-seccomp: every thread runs without its seccomp filter (for debugging only)"
+            ),
         }
         // The name is this process's until it ends; the lock's drop removes the runtime files.
         let _lock = match registered {
@@ -159,13 +168,14 @@ impl Launch {
                     console: detach.then(|| vm_dir.file("console.sock")),
                     started,
                 },
+                sandboxed,
             )
             .map_err(|source| CliError::Control {
                 path: vm_dir.file("control.sock"),
                 source,
             })?;
         }
-        let exit = serve(vm, background.as_mut())?;
+        let exit = serve(vm, background.as_mut(), sandboxed)?;
         if let Some(network) = network {
             network.leave();
         }
@@ -174,19 +184,28 @@ impl Launch {
     }
 }
 
-/// Runs the booted VM until it ends: in the background, or on this terminal.
+/// Runs the booted VM until it ends: in the background, or on this terminal. With `sandboxed`,
+/// this thread installs its seccomp filter once its set-up is done, before the event loop.
 fn serve(
     vm: nvmm_vmm::Vm,
     background: Option<&mut ReadyPipe>,
+    sandboxed: bool,
 ) -> Result<nvmm_vmm::VmExit, CliError> {
     terminal::stop_on_signals(vm.stop_handle()).map_err(CliError::Signals)?;
     if let Some(ready) = background {
         ready.ready();
+        if sandboxed {
+            sandbox::sandbox_main_thread()?;
+        }
         return Ok(vm.run_until_exit()?);
     }
     terminal::follow_window_size(vm.resize_handle()).map_err(CliError::Signals)?;
     let _raw = RawTerminal::enter().map_err(CliError::Terminal)?;
-    // Lets tests prove the panic path restores the terminal; never set in normal use.
+    if sandboxed {
+        sandbox::sandbox_main_thread()?;
+    }
+    // Lets tests prove the panic path restores the terminal (under the main thread's filter);
+    // never set in normal use.
     if std::env::var_os("NVMM_TEST_PANIC_AFTER_BOOT").is_some() {
         panic!("panic injected by NVMM_TEST_PANIC_AFTER_BOOT");
     }
@@ -255,13 +274,19 @@ fn join_network(
     }
 
     let guest = IpAddr::V4(membership.address);
+    let sandboxed = config.seccomp;
     let ssh = Forwarder::start(
         SocketAddr::new(ForwardSpec::DEFAULT_HOST_ADDR, 0),
         SocketAddr::new(guest, GUEST_SSH_PORT),
+        sandboxed,
     )?;
     let mut forwarders = vec![ssh];
     for spec in &request.forwards {
-        forwarders.push(Forwarder::start(spec.listen_addr(), spec.target(guest))?);
+        forwarders.push(Forwarder::start(
+            spec.listen_addr(),
+            spec.target(guest),
+            sandboxed,
+        )?);
     }
     eprintln!(
         "nvmm: {vm_name} is {}/{} on {} (host {}); ssh: 127.0.0.1:{}",

@@ -68,12 +68,23 @@ pub fn restore() {
     }
 }
 
-/// Restores the terminal before the default panic message is printed.
+/// Restores the terminal before the panic message is printed. A thread under a seccomp filter
+/// prints the message without a backtrace: symbolizing one reads the executable, which no
+/// filter allows (the call would end nvmm as a sandbox violation instead of a panic).
 pub fn install_panic_hook() {
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         restore();
-        default_hook(info);
+        if nvmm_vmm::seccomp::is_sandboxed() {
+            let thread = std::thread::current();
+            eprintln!(
+                "\nthread '{}' {info}\nnote: no backtrace from a sandboxed thread; \
+                 run with --no-seccomp for one",
+                thread.name().unwrap_or("<unnamed>")
+            );
+        } else {
+            default_hook(info);
+        }
     }));
 }
 

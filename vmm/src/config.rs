@@ -28,6 +28,9 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// How the guest learns about virtio-mmio devices.
     pub virtio_discovery: VirtioDiscovery,
+    /// Run each vCPU thread under its seccomp filter ([`crate::seccomp::vcpu`]); the caller
+    /// filters the thread that runs [`crate::Vm::run_until_exit`]. Off only for debugging.
+    pub seccomp: bool,
 }
 
 /// A virtio-net interface backed by an existing tap device (the CLI creates the tap and puts
@@ -86,6 +89,7 @@ impl VmConfig {
             disks: Vec::new(),
             nets: Vec::new(),
             virtio_discovery: VirtioDiscovery::default(),
+            seccomp: true,
         }
     }
 }

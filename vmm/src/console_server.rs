@@ -385,6 +385,45 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// Guest output reaches the log, its rotation and the client from a vCPU thread (the UART)
+    /// and from the event loop (the virtio console), under their seccomp filters. A forbidden
+    /// call fails with EPERM here instead of ending the test process.
+    #[test]
+    fn the_log_rotates_under_the_seccomp_filters() {
+        use crate::seccomp::{self, OnViolation};
+        for (label, list) in [
+            ("vcpu0", seccomp::vcpu(true)),
+            ("main", seccomp::event_loop()),
+        ] {
+            let dir =
+                std::env::temp_dir().join(format!("nvmm-hub3-{}-{label}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("console.log");
+            let mut hub = ConsoleHub::new(&path, 100).unwrap();
+            let (ours, mut theirs) = UnixStream::pair().unwrap();
+            hub.client = Some(ours);
+            let filter = list
+                .compile_with(label, OnViolation::Errno(libc::EPERM))
+                .unwrap();
+            std::thread::spawn(move || {
+                seccomp::install(&filter).unwrap();
+                hub.write(&[b'a'; 60]);
+                hub.write(&[b'b'; 60]);
+                assert!(hub.log.is_some() && hub.client.is_some(), "{label}");
+            })
+            .join()
+            .unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), vec![b'b'; 60], "{label}");
+            assert_eq!(
+                std::fs::read(dir.join("console.log.1")).unwrap(),
+                vec![b'a'; 60]
+            );
+            let mut got = [0u8; 120];
+            theirs.read_exact(&mut got).unwrap();
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+
     #[test]
     fn output_reaches_the_attached_client() {
         let dir = std::env::temp_dir().join(format!("nvmm-hub2-{}", std::process::id()));

@@ -15,6 +15,7 @@ pub mod cpuid;
 pub mod device_manager;
 pub mod kvm;
 pub mod layout;
+pub mod seccomp;
 pub mod vcpu;
 
 /// The device models nvmm is built from (re-exported for the CLI: errors it names, and taps it
@@ -48,6 +49,7 @@ use crate::console::{ConsoleInput, ConsoleResize, RawStdout, ResizeHandle};
 use crate::console_server::{ConsoleHub, ConsoleServer, HubWriter};
 use crate::device_manager::{DeviceError, DeviceEvents};
 use crate::kvm::KvmError;
+use crate::seccomp::SeccompError;
 use crate::vcpu::{GuestFault, Peripherals, Vcpu, VcpuError, VcpuOutcome};
 
 /// Console size when stdin and stdout are not terminals.
@@ -83,6 +85,9 @@ pub enum Error {
     /// The console socket or log could not be set up.
     #[error(transparent)]
     Console(#[from] ConsoleError),
+    /// A seccomp filter could not be built.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     /// The event loop failed.
     #[error("event loop failed: {0:?}")]
     EventLoop(event_manager::Error),
@@ -283,15 +288,7 @@ pub fn build_and_boot(config: &VmConfig) -> Result<Vm, Error> {
         config.vcpus,
         cmdline.as_cstring().unwrap_or_default()
     );
-    Vm::start(
-        kvm,
-        vm,
-        mem,
-        vcpus,
-        devices.events,
-        &config.console,
-        console_output,
-    )
+    Vm::start(kvm, vm, mem, vcpus, devices.events, config, console_output)
 }
 
 /// Gives every vCPU its CPUID, MSRs, FPU and LAPIC state, and the boot vCPU the kernel entry.
@@ -516,9 +513,10 @@ impl Vm {
         mem: GuestMemoryMmap,
         vcpus: Vec<Vcpu>,
         events: DeviceEvents,
-        console: &ConsoleConfig,
+        config: &VmConfig,
         output: ConsoleOutput,
     ) -> Result<Vm, Error> {
+        let console = &config.console;
         let DeviceEvents {
             serial,
             serial_fifo_room,
@@ -597,10 +595,16 @@ impl Vm {
             _vm: vm,
             _kvm: kvm,
         };
+        let console_log = matches!(console.backend, ConsoleBackend::Socket { .. });
         for (index, vcpu) in (0u8..).zip(vcpus) {
+            let filter = match config.seccomp {
+                true => Some(seccomp::vcpu(console_log).compile(&format!("vcpu{index}"))?),
+                false => None,
+            };
             let thread = spawn_vcpu(
                 vcpu,
                 index,
+                filter,
                 running.stop_vcpus.clone(),
                 report.clone(),
                 vcpu_exited.try_clone().map_err(eventfd_err)?,
@@ -668,9 +672,11 @@ impl Drop for Vm {
     }
 }
 
+/// Starts vCPU `index` on a thread of its own, which installs `filter` before its first KVM_RUN.
 fn spawn_vcpu(
     mut vcpu: Vcpu,
     index: u8,
+    filter: Option<seccomp::Filter>,
     stop: Arc<AtomicBool>,
     report: Sender<(u8, VcpuOutcome)>,
     exited: EventFd,
@@ -678,7 +684,14 @@ fn spawn_vcpu(
     std::thread::Builder::new()
         .name(format!("vcpu{index}"))
         .spawn(move || {
-            let outcome = vcpu.run(&stop);
+            let installed = filter.as_ref().map_or(Ok(()), seccomp::install);
+            let outcome = match installed {
+                Ok(()) => vcpu.run(&stop),
+                Err(source) => VcpuOutcome::Error(VcpuError::Seccomp {
+                    vcpu: index,
+                    source,
+                }),
+            };
             // The receiver only disappears when the VM is being torn down anyway.
             let _ = report.send((index, outcome));
             let _ = exited.write(1);

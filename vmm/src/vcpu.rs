@@ -77,6 +77,15 @@ pub enum VcpuError {
         #[source]
         source: std::io::Error,
     },
+    /// The vCPU thread could not install its seccomp filter.
+    #[error("cannot sandbox vCPU {vcpu}")]
+    Seccomp {
+        /// vCPU index.
+        vcpu: u8,
+        /// Why.
+        #[source]
+        source: crate::seccomp::SeccompError,
+    },
 }
 
 /// The guest did something that ends the VM with a failure.

@@ -31,11 +31,12 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 use std::{fmt, io};
 
+use nvmm_vmm::seccomp;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
@@ -128,6 +129,15 @@ pub enum ForwardError {
         /// Why.
         #[source]
         source: io::Error,
+    },
+    /// The acceptor thread could not install its seccomp filter.
+    #[error("cannot sandbox the thread that accepts connections on {addr}")]
+    Sandbox {
+        /// The bound host address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: nvmm_vmm::seccomp::SeccompError,
     },
     /// The acceptor thread could not be started.
     #[error("cannot start the thread that accepts connections on {addr}")]
@@ -256,9 +266,15 @@ pub struct Forwarder {
 impl Forwarder {
     /// Listens on `listen` and relays every connection to `target` in the background. The
     /// socket is bound before this returns, so a port that is taken is reported here as
-    /// [`ForwardError::PortInUse`], not later in a log line.
-    pub fn start(listen: SocketAddr, target: SocketAddr) -> Result<Self, ForwardError> {
-        Self::start_with_limit(listen, target, MAX_CONNECTIONS)
+    /// [`ForwardError::PortInUse`], not later in a log line. With `sandboxed`, the acceptor
+    /// installs the seccomp filter [`crate::sandbox::forwarder`] before it accepts anything, and
+    /// its connection threads inherit it.
+    pub fn start(
+        listen: SocketAddr,
+        target: SocketAddr,
+        sandboxed: bool,
+    ) -> Result<Self, ForwardError> {
+        Self::start_with_limit(listen, target, MAX_CONNECTIONS, sandboxed)
     }
 
     /// [`Forwarder::start`] with a connection cap other than [`MAX_CONNECTIONS`], so that tests
@@ -267,6 +283,7 @@ impl Forwarder {
         listen: SocketAddr,
         target: SocketAddr,
         max_connections: usize,
+        sandboxed: bool,
     ) -> Result<Self, ForwardError> {
         let listener = TcpListener::bind(listen).map_err(|source| match source.kind() {
             io::ErrorKind::AddrInUse => ForwardError::PortInUse { addr: listen },
@@ -294,15 +311,44 @@ impl Forwarder {
             target,
             Arc::clone(&stop),
             max_connections,
+            sandboxed,
         )
         .map_err(setup_error)?;
+        let name = thread_name(local_addr, "");
+        let sandbox_error = |source| ForwardError::Sandbox {
+            addr: local_addr,
+            source,
+        };
+        let filter = match sandboxed {
+            true => Some(
+                crate::sandbox::forwarder()
+                    .compile(&name)
+                    .map_err(sandbox_error)?,
+            ),
+            false => None,
+        };
+        let (installed, filter_installed) = mpsc::sync_channel(1);
         let handle = thread::Builder::new()
-            .name(thread_name(local_addr, ""))
-            .spawn(move || acceptor.run())
+            .name(name)
+            .spawn(move || {
+                if let Some(filter) = filter {
+                    if let Err(err) = seccomp::install(&filter) {
+                        let _ = installed.send(Err(err));
+                        return;
+                    }
+                }
+                let _ = installed.send(Ok(()));
+                acceptor.run();
+            })
             .map_err(|source| ForwardError::SpawnThread {
                 addr: local_addr,
                 source,
             })?;
+        // The thread sends before anything else, so this only fails if it could not.
+        if let Ok(Err(err)) = filter_installed.recv() {
+            let _ = handle.join();
+            return Err(sandbox_error(err));
+        }
         log::debug!("forwarding {local_addr} to {target}");
         Ok(Self {
             local_addr,
@@ -371,6 +417,8 @@ struct Acceptor {
     /// woken by the listener that is still readable.
     stop_only: Epoll,
     max_connections: usize,
+    /// Whether this thread runs under a seccomp filter, which its connection threads inherit.
+    sandboxed: bool,
     /// One thread per open connection; finished ones are joined before each new connection.
     connections: Vec<JoinHandle<()>>,
     registry: Arc<Registry>,
@@ -383,6 +431,7 @@ impl Acceptor {
         target: SocketAddr,
         stop: Arc<EventFd>,
         max_connections: usize,
+        sandboxed: bool,
     ) -> io::Result<Self> {
         let epoll = Epoll::new()?;
         epoll.ctl(
@@ -409,6 +458,7 @@ impl Acceptor {
             epoll,
             stop_only,
             max_connections,
+            sandboxed,
             connections: Vec::new(),
             registry: Arc::default(),
         })
@@ -490,10 +540,10 @@ impl Acceptor {
         }
         let client = Arc::new(client);
         let registration = Registration::new(&self.registry, Arc::clone(&client));
-        let (local_addr, target) = (self.local_addr, self.target);
+        let (local_addr, target, sandboxed) = (self.local_addr, self.target, self.sandboxed);
         let spawned = thread::Builder::new()
             .name(thread_name(local_addr, ">"))
-            .spawn(move || relay(&client, peer, local_addr, target, &registration));
+            .spawn(move || relay(&client, peer, local_addr, target, sandboxed, &registration));
         match spawned {
             Ok(handle) => self.connections.push(handle),
             // The closure, and with it the client socket, is dropped: the client sees EOF.
@@ -611,13 +661,19 @@ impl Drop for Registration {
 }
 
 /// A connection's thread: connects to the target, then copies both ways until both are done.
+/// With `sandboxed`, it and its copy thread run under the acceptor's filter, and name themselves
+/// for a violation report.
 fn relay(
     client: &TcpStream,
     peer: SocketAddr,
     local_addr: SocketAddr,
     target: SocketAddr,
+    sandboxed: bool,
     registration: &Registration,
 ) {
+    if sandboxed {
+        seccomp::set_label(&thread_name(local_addr, ">"));
+    }
     let upstream = match TcpStream::connect_timeout(&target, CONNECT_TIMEOUT) {
         Ok(upstream) => Arc::new(upstream),
         Err(e) => {
@@ -641,7 +697,12 @@ fn relay(
     let copies = thread::scope(|scope| {
         let back = thread::Builder::new()
             .name(thread_name(local_addr, "<"))
-            .spawn_scoped(scope, || copy_half(&upstream, client))
+            .spawn_scoped(scope, || {
+                if sandboxed {
+                    seccomp::set_label(&thread_name(local_addr, "<"));
+                }
+                copy_half(&upstream, client)
+            })
             .inspect_err(|e| {
                 log::warn!(
                     "forward {local_addr}: cannot start a thread for the connection from \
@@ -797,7 +858,7 @@ mod tests {
     #[test]
     fn relays_megabytes_both_ways_at_once() {
         let (target, server) = echo_server(1);
-        let forwarder = Forwarder::start(LOOPBACK, target).unwrap();
+        let forwarder = Forwarder::start(LOOPBACK, target, true).unwrap();
         assert_ne!(forwarder.local_addr().port(), 0);
         assert_eq!(forwarder.target(), target);
         // Odd-sized so that no buffer size divides it.
@@ -823,7 +884,7 @@ mod tests {
             // The reply goes out after that EOF, on the half that is still open.
             stream.write_all(b"HTTP/1.0 200 OK\r\n\r\nhello").unwrap();
         });
-        let forwarder = Forwarder::start(LOOPBACK, target).unwrap();
+        let forwarder = Forwarder::start(LOOPBACK, target, true).unwrap();
         let mut client = connect(forwarder.local_addr());
         client.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
         client.shutdown(Shutdown::Write).unwrap();
@@ -837,7 +898,7 @@ mod tests {
     fn port_in_use_names_the_address() {
         let holder = TcpListener::bind(LOOPBACK).unwrap();
         let taken = holder.local_addr().unwrap();
-        let err = Forwarder::start(taken, LOOPBACK).unwrap_err();
+        let err = Forwarder::start(taken, LOOPBACK, true).unwrap_err();
         assert!(
             matches!(err, ForwardError::PortInUse { addr } if addr == taken),
             "{err:?}"
@@ -851,7 +912,7 @@ mod tests {
     fn unreachable_target_closes_the_client_and_keeps_serving() {
         // A port with no listener: bound for its number, then released.
         let target = TcpListener::bind(LOOPBACK).unwrap().local_addr().unwrap();
-        let forwarder = Forwarder::start(LOOPBACK, target).unwrap();
+        let forwarder = Forwarder::start(LOOPBACK, target, true).unwrap();
 
         let started = Instant::now();
         let mut client = connect(forwarder.local_addr());
@@ -873,7 +934,7 @@ mod tests {
     fn serves_parallel_connections_separately() {
         const CLIENTS: usize = 20;
         let (target, server) = echo_server(CLIENTS);
-        let forwarder = Forwarder::start(LOOPBACK, target).unwrap();
+        let forwarder = Forwarder::start(LOOPBACK, target, true).unwrap();
         let addr = forwarder.local_addr();
         thread::scope(|scope| {
             for seed in 0..CLIENTS as u64 {
@@ -890,7 +951,7 @@ mod tests {
     fn closes_connections_past_the_cap() {
         // The first and the last connection reach the target; the second is refused before.
         let (target, server) = echo_server(2);
-        let forwarder = Forwarder::start_with_limit(LOOPBACK, target, 1).unwrap();
+        let forwarder = Forwarder::start_with_limit(LOOPBACK, target, 1, true).unwrap();
         let addr = forwarder.local_addr();
 
         let mut first = connect(addr);
@@ -919,15 +980,21 @@ mod tests {
     #[test]
     fn drop_closes_everything_and_joins_threads() {
         let (target, server) = echo_server(1);
-        let forwarder = Forwarder::start(LOOPBACK, target).unwrap();
+        let forwarder = Forwarder::start(LOOPBACK, target, true).unwrap();
         let addr = forwarder.local_addr();
 
         let mut client = connect(addr);
         client.write_all(b"ping").unwrap();
         let mut buf = [0; 4];
         client.read_exact(&mut buf).unwrap();
-        // The acceptor and both copy threads of the open connection.
-        assert_eq!(forwarder_threads(addr.port()), 3);
+        // The acceptor and both copy threads of the open connection. A listing of
+        // /proc/self/task ends early when the thread it has reached exits meanwhile (other
+        // tests' threads do), so look again until it shows all three.
+        assert!(
+            eventually(|| forwarder_threads(addr.port()) == 3),
+            "{}",
+            forwarder_threads(addr.port())
+        );
 
         let started = Instant::now();
         drop(forwarder);
@@ -957,7 +1024,7 @@ mod tests {
             return;
         }
         let (target, server) = echo_server(1);
-        let forwarder = Forwarder::start(listen, target).unwrap();
+        let forwarder = Forwarder::start(listen, target, true).unwrap();
         assert!(forwarder.local_addr().is_ipv6());
         assert_eq!(round_trip(forwarder.local_addr(), b"six"), b"six");
         server.join().unwrap();

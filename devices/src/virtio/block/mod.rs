@@ -445,8 +445,11 @@ impl VirtioDevice for Block {
             interrupt,
             queue,
         });
-        // Requests queued before DRIVER_OK (unusual, but allowed) are served now.
-        self.process_queue();
+        // Requests queued before DRIVER_OK (unusual, but allowed) are served by the event loop,
+        // like every request: this runs on a vCPU thread, whose seccomp filter has no disk I/O.
+        if let Err(err) = self.queue_events[0].write(1) {
+            log::warn!("virtio-blk: cannot signal requests queued before activation: {err}");
+        }
         Ok(())
     }
 

@@ -34,7 +34,8 @@ const IFF_TUN_EXCL: libc::c_short = 0x8000u16 as libc::c_short;
 // from <linux/if_tun.h>.
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
-const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+/// `TUNSETOFFLOAD`: what virtio-net activation calls on a vCPU thread (its seccomp filter allows it).
+pub const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 /// `sizeof(struct virtio_net_hdr_v1)`.
 pub const VNET_HDR_LEN: usize = 12;

@@ -1,0 +1,171 @@
+//! The seccomp sandbox: a thread that makes a system call its filter forbids ends nvmm with an
+//! `error:` and a `hint:` line naming the thread and the call, exit code 4, and the terminal
+//! restored. `NVMM_TEST_FORBIDDEN_SYSCALL=THREAD` makes that thread call getppid (which no
+//! filter allows) right after installing its filter. Every other test runs with the filters on.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+mod netns;
+mod pty;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::*;
+use netns::Netns;
+use pty::*;
+
+/// nvmm's exit code when it broke its own sandbox.
+const EXIT_SANDBOX: i32 = 4;
+const HOOK: &str = "NVMM_TEST_FORBIDDEN_SYSCALL";
+const HINT: &str = "hint: this is a bug in nvmm, please report it; --no-seccomp runs without \
+                    filters (for debugging only)";
+
+/// The report of a violation by `thread`: getppid is system call 110 on x86_64.
+fn report(thread: &str) -> String {
+    format!("error: thread {thread} made a forbidden system call (110); the VM is stopped\n{HINT}")
+}
+
+/// Private state directories, so tests never touch /run/nvmm or /var/lib/nvmm.
+struct StateDirs(PathBuf);
+
+impl StateDirs {
+    fn new(test: &str) -> Self {
+        Self(std::env::temp_dir().join(format!("nvmm-seccomp-{}-{test}", std::process::id())))
+    }
+
+    fn apply(&self, cmd: &mut Command) {
+        cmd.env("NVMM_RUNTIME_DIR", self.0.join("run"))
+            .env("NVMM_STATE_DIR", self.0.join("state"));
+    }
+}
+
+impl Drop for StateDirs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn a_forbidden_call_ends_nvmm_with_a_report_whatever_the_thread() {
+    if !kvm_or_skip("seccomp threads") {
+        return;
+    }
+    for (thread, label) in [("vcpu", "vcpu0"), ("main", "main"), ("control", "control")] {
+        let dirs = StateDirs::new(thread);
+        // `halt` never ends by itself: only the violation ends this run.
+        let mut cmd = guest_command("nvmm_test=halt", &["--name", "sandboxed"]);
+        cmd.env(HOOK, thread);
+        dirs.apply(&mut cmd);
+        let out = run(cmd);
+        assert_eq!(out.code(), Some(EXIT_SANDBOX), "{thread}: {out:?}");
+        assert!(
+            out.stderr.contains(&report(label)),
+            "{thread}: {}",
+            out.stderr
+        );
+    }
+}
+
+#[test]
+fn the_port_forwarders_are_sandboxed_too() {
+    if !kvm_or_skip("seccomp forwarder") {
+        return;
+    }
+    let Some(ns) = Netns::new("seccomp forwarder") else {
+        return;
+    };
+    let dirs = StateDirs::new("fwd");
+    let mut cmd = ns.command(NVMM);
+    cmd.args([
+        "run",
+        "--kernel",
+        GUEST,
+        "--mem",
+        MEM,
+        "--net",
+        "--name",
+        "fwd",
+        "--cmdline",
+        "nvmm_test=halt",
+    ])
+    .env(HOOK, "fwd");
+    dirs.apply(&mut cmd);
+    let out = run(cmd);
+    assert_eq!(out.code(), Some(EXIT_SANDBOX), "{out:?}");
+    // The ssh forwarder starts first, on a port the system picks.
+    assert!(
+        out.stderr.contains("error: thread fwd:") && out.stderr.contains(HINT),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn the_terminal_is_restored_after_a_violation() {
+    if !kvm_or_skip("seccomp tty") {
+        return;
+    }
+    let pty = open_pty();
+    let before = settings(&pty.slave);
+    // The main thread installs its filter after entering raw mode.
+    let mut cmd = guest_command("nvmm_test=halt", &[]);
+    cmd.env(HOOK, "main");
+    let (child, screen) = spawn_on(&pty, cmd);
+    wait_for(&screen, "made a forbidden system call");
+    assert_eq!(wait_exit(child), Some(EXIT_SANDBOX));
+    assert_eq!(settings(&pty.slave), before, "terminal not restored");
+    // Restored before the report: its lines start at the left margin.
+    wait_for(&screen, "the VM is stopped\r\nhint: ");
+}
+
+#[test]
+fn a_background_vm_reports_a_violation_in_its_log() {
+    if !kvm_or_skip("seccomp background") {
+        return;
+    }
+    let dirs = StateDirs::new("background");
+    let mut cmd = guest_command("nvmm_test=halt", &["-d", "--name", "bg"]);
+    cmd.env(HOOK, "main");
+    dirs.apply(&mut cmd);
+    // The main thread installs its filter after telling `nvmm run -d` that the VM runs.
+    let out = run(cmd);
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    let log = dirs.0.join("run/vms/bg/nvmm.log");
+    let deadline = std::time::Instant::now() + HANG_GUARD;
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains(&report("main")) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no report in {log:?}: {text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn no_seccomp_runs_without_filters() {
+    if !kvm_or_skip("no-seccomp") {
+        return;
+    }
+    let mut cmd = guest_command("nvmm_test=hello", &["--no-seccomp"]);
+    cmd.env(HOOK, "vcpu");
+    let out = run(cmd);
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    assert!(
+        out.stdout.contains("hello from the nvmm test guest"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stderr
+            .contains("--no-seccomp: every thread runs without its seccomp filter"),
+        "{}",
+        out.stderr
+    );
+}
