@@ -151,7 +151,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
     };
     let mut file = File::open(path).map_err(read_err)?;
     let mut magic = [0u8; 4];
-    let is_elf = file.read_exact(&mut magic).is_ok() && magic == *b"\x7fELF";
+    let is_elf = read_magic(&mut file, &mut magic).map_err(read_err)? && magic == *b"\x7fELF";
     let is_bzimage = !is_elf && has_bzimage_header(&mut file).map_err(read_err)?;
     let load_err = |source| BootError::LoadKernel {
         path: path.to_owned(),
@@ -187,7 +187,17 @@ fn has_bzimage_header(file: &mut File) -> std::io::Result<bool> {
     // "HdrS" at 0x202 marks a kernel with a boot-protocol setup header.
     let mut magic = [0u8; 4];
     file.seek(SeekFrom::Start(0x202))?;
-    Ok(file.read_exact(&mut magic).is_ok() && u32::from_le_bytes(magic) == HDRS_MAGIC)
+    Ok(read_magic(file, &mut magic)? && u32::from_le_bytes(magic) == HDRS_MAGIC)
+}
+
+/// Fills `buf` from the file's position: `false` if the file ends first (too short to be that
+/// format). Other errors stay errors: a directory or a failing disk is not "another format".
+fn read_magic(file: &mut File, buf: &mut [u8]) -> std::io::Result<bool> {
+    match file.read_exact(buf) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Where an initrd went.
@@ -540,5 +550,15 @@ mod tests {
         let err = load_kernel(&mem(16), &path).unwrap_err();
         assert!(matches!(err, BootError::UnknownKernelFormat(_)));
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_directory_is_an_unreadable_kernel_not_another_format() {
+        let err = load_kernel(&mem(16), &std::env::temp_dir()).unwrap_err();
+        assert!(
+            matches!(&err, BootError::ReadKernel { source, .. }
+                if source.raw_os_error() == Some(libc::EISDIR)),
+            "{err:?}"
+        );
     }
 }
