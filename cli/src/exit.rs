@@ -187,6 +187,17 @@ fn hint(err: &CliError) -> Option<String> {
                     .into(),
             );
         }
+        CliError::Net(NetError::CreateTap { source, .. }) if is_tun_missing(source) => {
+            return Some(TUN_MISSING.into());
+        }
+        CliError::Net(NetError::InvalidNetworkName { .. }) => {
+            return Some("--net names the host bridge, e.g. --net nvmm1".into());
+        }
+        CliError::NoSsh { name, .. } => {
+            return Some(format!(
+                "`nvmm console {name}` attaches to its console instead"
+            ));
+        }
         CliError::Net(NetError::VmAlreadyRunning { .. }) => {
             return Some("give this VM another --name, or stop the running one".into());
         }
@@ -222,7 +233,11 @@ fn hint(err: &CliError) -> Option<String> {
             return Some("docs/runner.md describes the runner directory and nvmm.json".into());
         }
         CliError::Forward(ForwardError::PortInUse { .. }) => {
-            return Some("pick another host port in --forward, or 0 for a free one".into());
+            return Some(
+                "pick another host port (in --forward, or nvmm.forwardPorts of the \
+                 configuration), or 0 for a free one"
+                    .into(),
+            );
         }
         _ => return None,
     };
@@ -289,6 +304,7 @@ fn hint(err: &CliError) -> Option<String> {
         }
         nvmm_vmm::Error::Devices(DeviceError::OpenTap { source, .. }) => {
             match source.raw_os_error() {
+                _ if is_tun_missing(source) => TUN_MISSING.into(),
                 Some(libc::EPERM | libc::EACCES) => {
                     "opening a tap needs root or CAP_NET_ADMIN (or a tap owned by you)".into()
                 }
@@ -312,6 +328,16 @@ fn hint(err: &CliError) -> Option<String> {
         _ => return None,
     };
     Some(hint)
+}
+
+/// The hint for a host without the tun driver.
+const TUN_MISSING: &str = "VM networking needs the tun driver and /dev/net/tun: `modprobe tun` \
+     (`nvmm doctor` checks this host)";
+
+/// Opening /dev/net/tun failed: the node is not there (ENOENT) or no driver is behind it
+/// (ENODEV).
+fn is_tun_missing(err: &std::io::Error) -> bool {
+    matches!(err.raw_os_error(), Some(libc::ENOENT | libc::ENODEV))
 }
 
 fn nix_hint(err: &crate::nix::NixError) -> Option<String> {
