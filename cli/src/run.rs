@@ -100,6 +100,9 @@ impl Launch {
             system_disks,
         } = self;
         let started = std::time::Instant::now();
+        // Sizes that cannot work fail here, before a background process, a network or disks
+        // exist: one error, nothing to undo.
+        nvmm_vmm::validate_config(&config).map_err(nvmm_vmm::Error::from)?;
         let sandboxed = config.seccomp;
         let (runtime_dir, state_dir) = host::state_dirs();
         let vm_dir = VmDir::new(&runtime_dir, &name);
