@@ -137,23 +137,45 @@ pub struct Starting {
     setup_output: File,
 }
 
+/// How the start of a background VM ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Started {
+    /// The VM runs.
+    Running,
+    /// Its nvmm gave up and said why: its `error:` and `hint:` lines were relayed, so the
+    /// caller adds no error of its own (the user gets one error line, not two).
+    Failed,
+    /// Its nvmm ended without an error message (killed, crashed).
+    Vanished,
+}
+
 impl Starting {
     /// Waits until the VM runs or its nvmm gave up, relaying what it printed meanwhile (its
-    /// errors, its address); `true` if it runs.
-    pub fn wait(mut self) -> bool {
+    /// errors, its address).
+    pub fn wait(mut self) -> Started {
         let mut text = Vec::new();
         let _ = self.setup_output.read_to_end(&mut text);
         let ready = text.windows(READY.len()).position(|w| w == READY);
         let shown = ready.map_or(&text[..], |at| &text[..at]);
         let _ = io::stderr().write_all(shown);
+        let name = &self.name;
         if ready.is_some() {
-            let name = &self.name;
             eprintln!(
                 "nvmm: {name} runs in the background; `nvmm console {name}` attaches, \
                  `nvmm logs {name}` shows its console"
             );
+            return Started::Running;
         }
-        ready.is_some()
+        let said_why = String::from_utf8_lossy(shown)
+            .lines()
+            .any(|line| line.starts_with("error: "));
+        match said_why {
+            true => {
+                eprintln!("nvmm: {name} did not start");
+                Started::Failed
+            }
+            false => Started::Vanished,
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::args::{BootArgs, ListArgs};
+use crate::background::Started;
 use crate::disks::{self, DiskError, OverlayDisk, SeedDisk};
 use crate::exit::{CliError, Outcome, error_chain};
 use crate::fleet::{Table, print_stdout};
@@ -93,18 +94,24 @@ pub fn start_targets(args: &BootArgs, targets: &Targets) -> Result<Outcome, CliE
             Launched::Ended(outcome) => return Ok(outcome),
         }
     }
-    let failed: Vec<String> = starting
+    let started: Vec<(&String, Started)> = starting
         .into_iter()
-        .filter_map(|(name, vm)| (!vm.wait()).then(|| name.clone()))
+        .map(|(name, vm)| (name, vm.wait()))
         .collect();
-    if let Some(name) = failed.first() {
-        return Err(CliError::BackgroundStart { name: name.clone() });
+    if let Some((name, _)) = started.iter().find(|(_, s)| *s == Started::Vanished) {
+        return Err(CliError::BackgroundStart {
+            name: (*name).clone(),
+        });
+    }
+    // Each failed VM's nvmm printed its own error and hint.
+    if started.iter().any(|(_, s)| *s == Started::Failed) {
+        return Ok(Outcome::Done(false));
     }
     match attached {
         Some((name, runner)) => {
             match launch(args, name, runner, &network, false, flake)?.start()? {
                 Launched::Ended(outcome) => Ok(outcome),
-                Launched::InBackground(vm) => Ok(Outcome::Done(vm.wait())),
+                Launched::InBackground(vm) => Ok(Outcome::Done(vm.wait() == Started::Running)),
             }
         }
         None => Ok(Outcome::Done(true)),

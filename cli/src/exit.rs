@@ -99,8 +99,8 @@ pub enum CliError {
     /// Arguments that parse but do not go together.
     #[error("{0}")]
     Usage(String),
-    /// A background VM did not start (its own error was printed above).
-    #[error("{name} did not start (its error is above)")]
+    /// A background VM's nvmm ended while it set up, without an error message.
+    #[error("{name} did not start: its nvmm ended without an error message")]
     BackgroundStart {
         /// The VM.
         name: String,

@@ -42,6 +42,7 @@ pub fn up(args: &UpArgs) -> Result<Outcome, CliError> {
     for name in &running {
         eprintln!("nvmm: {name} already runs");
     }
+    let mut all_started = true;
     if !to_boot.is_empty() {
         let boot_args = BootArgs {
             names: to_boot.clone(),
@@ -62,7 +63,8 @@ pub fn up(args: &UpArgs) -> Result<Outcome, CliError> {
         match start_targets(&boot_args, &targets)? {
             // A VM's own process, after its VM ended.
             outcome @ Outcome::Vm(_) => return Ok(outcome),
-            Outcome::Done(_) => {}
+            // Some did not start (each said why): the table shows which run.
+            Outcome::Done(all) => all_started = all,
         }
     }
     let mut table = Table::new(["NAME", "ADDRESS", "SSH", "STATE"]);
@@ -84,7 +86,7 @@ pub fn up(args: &UpArgs) -> Result<Outcome, CliError> {
         ]);
     }
     print_stdout(&table.render())?;
-    Ok(Outcome::Done(true))
+    Ok(Outcome::Done(all_started))
 }
 
 /// One VM in `nvmm ps`.

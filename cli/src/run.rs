@@ -3,7 +3,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use crate::args::{LogsArgs, RunArgs};
-use crate::background::{self, Daemon, ReadyPipe};
+use crate::background::{self, Daemon, ReadyPipe, Started};
 use crate::control::{self, Controls};
 use crate::exit::{CliError, Outcome};
 use crate::net::forward::{ForwardSpec, Forwarder};
@@ -38,7 +38,15 @@ pub fn run(args: &RunArgs) -> Result<Outcome, CliError> {
         system_disks: None,
     };
     Ok(match launch.start()? {
-        Launched::InBackground(starting) => Outcome::Done(starting.wait()),
+        Launched::InBackground(starting) => match starting.wait() {
+            Started::Running => Outcome::Done(true),
+            Started::Failed => Outcome::Done(false),
+            Started::Vanished => {
+                return Err(CliError::BackgroundStart {
+                    name: args.vm_name(),
+                });
+            }
+        },
         Launched::Ended(outcome) => outcome,
     })
 }
