@@ -258,7 +258,7 @@ fn nix_problems_are_clear_errors_with_hints() {
         "{err}"
     );
     assert!(
-        err.contains("hint: did you mean `nvmm boot server`?"),
+        err.contains("hint: did you mean `server`?"),
         "{err}"
     );
 

@@ -261,11 +261,12 @@ fn hint(err: &CliError) -> Option<String> {
         nvmm_vmm::Error::Kvm(KvmError::AllocateMemory { .. }) => {
             "choose a smaller --mem or free memory on the host".into()
         }
-        nvmm_vmm::Error::Config(ConfigError::MemoryTooSmall(_)) => {
-            format!("choose --mem {} or more", nvmm_vmm::MIN_MEM_MIB)
-        }
+        nvmm_vmm::Error::Config(ConfigError::MemoryTooSmall(_)) => format!(
+            "choose --mem {} or more (for nvmm boot and up also nvmm.memory)",
+            nvmm_vmm::MIN_MEM_MIB
+        ),
         nvmm_vmm::Error::Config(ConfigError::MemoryExceedsHost { host, .. }) => {
-            format!("choose --mem below {host}")
+            format!("choose --mem below {host} (for nvmm boot and up also nvmm.memory)")
         }
         nvmm_vmm::Error::Boot(boot) => match boot {
             BootError::ReadKernel { .. } => "check the path given to --kernel".into(),
@@ -355,7 +356,8 @@ fn nix_hint(err: &crate::nix::NixError) -> Option<String> {
              templates/default)"
             .into(),
         NixError::NoSuchConfiguration { .. } => match err.suggestion() {
-            Some(name) => format!("did you mean `nvmm boot {name}`?"),
+            // Not `nvmm boot NAME`: the name may have come to `up`, `boot` or `list`.
+            Some(name) => format!("did you mean `{name}`?"),
             None => "`nvmm list` shows the flake's configurations".into(),
         },
         NixError::Evaluation { .. } => "that is nix's message about the configuration; \
