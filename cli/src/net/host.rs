@@ -349,6 +349,7 @@ impl Network {
             let (address, hosts) = assign_address(&paths, &config.name, vm_name, &subnet, &live)?;
             let tap = tap_name(&config.name, vm_name);
             create_tap(&mut nl, &tap, &config.name)?;
+            stop_here_for_tests("tap");
             let member = MemberRecord {
                 pid,
                 start_time,
@@ -950,6 +951,16 @@ fn assign_address(
         })?;
     write_atomically(&file, &book.to_text())?;
     Ok((address, book.hosts()))
+}
+
+/// `NVMM_TEST_STOP_AT=POINT` (tests only; never set in normal use): the process stops itself
+/// with SIGSTOP at `point`, so a test can kill it exactly there. `tap`: in [`Network::join`],
+/// right after the VM's tap exists.
+fn stop_here_for_tests(point: &str) {
+    if std::env::var_os("NVMM_TEST_STOP_AT").is_some_and(|p| p == point) {
+        // SAFETY: raise only sends a signal to this thread; SIGSTOP stops the whole process.
+        unsafe { libc::raise(libc::SIGSTOP) };
+    }
 }
 
 /// Creates the VM's persistent tap, attaches it to the bridge and sets it up.
