@@ -348,17 +348,20 @@ impl Network {
         let joined = (|| {
             let (address, hosts) = assign_address(&paths, &config.name, vm_name, &subnet, &live)?;
             let tap = tap_name(&config.name, vm_name);
-            create_tap(&mut nl, &tap, &config.name)?;
-            stop_here_for_tests("tap");
+            // The record before the tap: a process killed from here on leaves a record that
+            // names its tap, and whoever reaps it removes both. A tap made first would be
+            // nobody's until the record was written, and a kill in between left it for good.
             let member = MemberRecord {
                 pid,
                 start_time,
                 tap: tap.clone(),
             };
-            if let Err(e) = write_atomically(&paths.member_file(vm_name), &member.to_text()) {
-                let _ = nl.delete_link(&tap);
+            write_atomically(&paths.member_file(vm_name), &member.to_text())?;
+            if let Err(e) = create_tap(&mut nl, &tap, &config.name) {
+                let _ = remove_if_present(&paths.member_file(vm_name));
                 return Err(e);
             }
+            stop_here_for_tests("tap");
             Ok((address, hosts, tap))
         })();
         let (address, hosts, tap) = match joined {
