@@ -101,6 +101,11 @@ pub enum RequestError {
     /// The chain itself is broken (loops, bad indirect tables).
     #[error("malformed descriptor chain")]
     MalformedChain,
+    /// DISCARD / WRITE_ZEROES data that is not one segment in one descriptor: the device offers
+    /// one segment per request (`max_discard_seg`, `max_write_zeroes_seg`), and working through
+    /// more, a system call each, would let one request hold up every device for hours.
+    #[error("discard or write-zeroes request without exactly one segment")]
+    SegmentCount,
 }
 
 impl RequestError {
@@ -197,6 +202,10 @@ fn parse_descriptors(
     };
     if matches!(kind, RequestType::In | RequestType::Out) && request.data_len() % SECTOR_SIZE != 0 {
         return Err(RequestError::UnalignedLength);
+    }
+    let zeroing = matches!(kind, RequestType::Discard | RequestType::WriteZeroes);
+    if zeroing && !matches!(request.data.as_slice(), [(_, SEGMENT_LEN)]) {
+        return Err(RequestError::SegmentCount);
     }
     Ok(request)
 }
@@ -363,6 +372,31 @@ mod tests {
         );
         assert_eq!(parsed.request, Err(RequestError::OutsideGuestMemory));
         assert_eq!(parsed.status, Some(GuestAddress(0x4000)));
+    }
+
+    #[test]
+    fn zeroing_requests_carry_exactly_one_segment() {
+        let mem = mem();
+        let kind = Some((VIRTIO_BLK_T_WRITE_ZEROES, 0));
+        let one = parse(
+            &mem,
+            &[(0x1000, 16, false), (0x2000, 16, false), (0x4000, 1, true)],
+            kind,
+        );
+        assert_eq!(one.request.unwrap().kind, RequestType::WriteZeroes);
+        for data in [
+            &[][..],
+            &[(0x2000, 32, false)][..],
+            &[(0x2000, 8, false), (0x2008, 8, false)][..],
+            &[(0x2000, 16, false), (0x2000, 16, false)][..],
+        ] {
+            let mut chain = vec![(0x1000, 16, false)];
+            chain.extend_from_slice(data);
+            chain.push((0x4000, 1, true));
+            let parsed = parse(&mem, &chain, Some((VIRTIO_BLK_T_DISCARD, 0)));
+            assert_eq!(parsed.request, Err(RequestError::SegmentCount), "{data:?}");
+            assert_eq!(parsed.status, Some(GuestAddress(0x4000)));
+        }
     }
 
     #[test]
