@@ -238,7 +238,20 @@ fn failure(flake: &FakeFlake, args: &[&str]) -> String {
     assert_eq!(out.code(), Some(1), "{out:?}");
     assert!(out.stdout.is_empty(), "{out:?}");
     assert_eq!(out.stderr.matches("error: ").count(), 1, "{out:?}");
+    assert_eq!(out.stderr.matches("hint: ").count(), 1, "{out:?}");
+    nothing_left(flake);
     out.stderr
+}
+
+/// Nix failed before any VM: nothing in the runtime directory, no disk image kept.
+fn nothing_left(flake: &FakeFlake) {
+    let runtime = std::fs::read_dir(flake.runtime_dir()).map_or(0, |d| d.count());
+    assert_eq!(runtime, 0, "the runtime directory is not empty");
+    let vms = std::fs::read_dir(flake.state_dir().join("vms")).map_or(0, |d| d.count());
+    assert_eq!(
+        vms, 0,
+        "no VM state (keys, kept disk) for a VM that never ran"
+    );
 }
 
 #[test]
@@ -257,10 +270,7 @@ fn nix_problems_are_clear_errors_with_hints() {
         err.contains("(it has: broken, client, failing, server)"),
         "{err}"
     );
-    assert!(
-        err.contains("hint: did you mean `server`?"),
-        "{err}"
-    );
+    assert!(err.contains("hint: did you mean `server`?"), "{err}");
 
     let err = failure(&flake, &["boot", "broken"]);
     assert!(err.contains("evaluating broken failed"), "{err}");
@@ -300,7 +310,11 @@ fn nix_problems_are_clear_errors_with_hints() {
         out.stderr.contains("error: nix is not installed"),
         "{out:?}"
     );
-    assert!(out.stderr.contains("nvmm boot --runner DIR"), "{out:?}");
+    assert!(
+        out.stderr.contains("hint: install Nix") && out.stderr.contains("nvmm boot --runner DIR"),
+        "{out:?}"
+    );
+    nothing_left(&flake);
 }
 
 /// Processes whose command line is exactly `args`.
