@@ -11,12 +11,14 @@ pub mod console;
 pub mod mmio;
 pub mod net;
 #[cfg(test)]
+mod test_log;
+#[cfg(test)]
 mod test_ring;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -178,6 +180,37 @@ pub fn more_available(
         return Ok(false);
     }
     queue.iter(mem).map(|_| true)
+}
+
+/// The next chain the driver made available, if any.
+///
+/// virtio-queue's `pop_descriptor_chain` logs an error on every call that finds the ring broken
+/// (the available index more than a queue size ahead), so a driver that broke its ring and kept
+/// notifying would fill nvmm's log. Here a broken ring is an error, for the device to log once.
+pub fn pop_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, virtio_queue::Error> {
+    use virtio_queue::QueueOwnedT;
+    Ok(queue.iter(mem)?.next())
+}
+
+/// Gives chain `head` back to the driver, `len` bytes written into it.
+///
+/// virtio-queue's `add_used` logs an error on every head index outside the queue, and only a
+/// driver that put such an index in its available ring makes a device return one. Here that is
+/// an error, for the device to log once.
+pub fn add_used(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    head: u16,
+    len: u32,
+) -> Result<(), virtio_queue::Error> {
+    use virtio_queue::QueueT;
+    if head >= queue.size() {
+        return Err(virtio_queue::Error::InvalidDescriptorIndex);
+    }
+    queue.add_used(mem, head, len)
 }
 
 /// Logs each kind of guest error once per device, so a hostile guest cannot flood the log.

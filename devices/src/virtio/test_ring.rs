@@ -57,6 +57,15 @@ impl TestRing {
         self.next_desc = (start + descs.len() as u16) % self.size;
     }
 
+    /// Makes `head` available as it is, even a descriptor index the queue does not have.
+    pub fn add_head(&self, mem: &GuestMemoryMmap, head: u16) {
+        let idx: u16 = mem.read_obj(GuestAddress(self.avail + 2)).unwrap();
+        let slot = self.avail + 4 + 2 * u64::from(idx % self.size);
+        mem.write_obj(head, GuestAddress(slot)).unwrap();
+        mem.write_obj(idx.wrapping_add(1), GuestAddress(self.avail + 2))
+            .unwrap();
+    }
+
     /// Sets the available ring's index, as a driver that broke its ring might.
     pub fn set_avail_idx(&self, mem: &GuestMemoryMmap, idx: u16) {
         mem.write_obj(idx, GuestAddress(self.avail + 2)).unwrap();

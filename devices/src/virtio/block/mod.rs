@@ -184,13 +184,20 @@ impl Block {
         let mem = state.mem.clone();
         let mut completed = Vec::new();
         let mut queue_error = None;
-        loop {
+        'drain: loop {
             if let Err(err) = state.queue.disable_notification(&mem) {
                 queue_error = Some(err);
                 break;
             }
-            while let Some(chain) = state.queue.pop_descriptor_chain(&mem) {
-                completed.push(ParsedChain::parse(chain, &mem));
+            loop {
+                match super::pop_chain(&mut state.queue, &mem) {
+                    Ok(Some(chain)) => completed.push(ParsedChain::parse(chain, &mem)),
+                    Ok(None) => break,
+                    Err(err) => {
+                        queue_error = Some(err);
+                        break 'drain;
+                    }
+                }
             }
             match super::more_available(&mut state.queue, &mem) {
                 Ok(true) => continue,
@@ -212,17 +219,19 @@ impl Block {
         let DeviceState::Activated(state) = &mut self.state else {
             return;
         };
-        let mut failed_used = false;
-        for (head, len) in &used {
-            failed_used |= state.queue.add_used(&mem, *head, *len).is_err();
+        let mut failed_used = None;
+        for &(head, len) in &used {
+            if let Err(err) = super::add_used(&mut state.queue, &mem, head, len) {
+                failed_used = Some(err);
+            }
         }
         if !used.is_empty() && state.queue.needs_notification(&mem).unwrap_or(true) {
             state.interrupt.trigger(InterruptKind::Queue);
         }
-        if failed_used {
+        if let Some(err) = failed_used {
             self.mistake(
                 mistake::QUEUE_ERROR,
-                format_args!("used ring is not writable"),
+                format_args!("cannot return a request: {err}"),
             );
         }
     }

@@ -8,6 +8,7 @@ use virtio_bindings::virtio_blk::{
 };
 
 use super::*;
+use crate::virtio::test_log::{assert_logged_once, logged};
 use crate::virtio::test_ring::{TestRing, returns_promptly};
 
 const HEADER: u64 = 0x10_0000;
@@ -363,4 +364,25 @@ fn an_available_index_more_than_a_queue_ahead_does_not_hang() {
         h
     });
     assert_eq!(h.ring.used_idx(&h.mem), 0);
+}
+
+#[test]
+fn a_broken_ring_is_logged_once_not_on_every_notification() {
+    // Found by the hostile test guest: virtio-queue logged an error of its own every time the
+    // device met a head index the queue does not have, or a ring whose available index ran more
+    // than a queue ahead, so a driver that kept notifying filled nvmm's log.
+    let mut h = harness("broken-ring-log", false);
+    let mut lines = Vec::new();
+    for _ in 0..3 {
+        h.ring.add_head(&h.mem, QUEUE_SIZE);
+        h.ring.add_head(&h.mem, u16::MAX);
+        lines.extend(logged(|| h.block.process_queue()));
+    }
+    h.ring.set_avail_idx(&h.mem, 6 + QUEUE_SIZE + 1);
+    for _ in 0..3 {
+        lines.extend(logged(|| h.block.process_queue()));
+    }
+    assert_eq!(h.used_idx(), 0, "nothing to give back");
+    assert_logged_once(&lines);
+    assert_eq!(lines.len(), 2, "{lines:#?}");
 }

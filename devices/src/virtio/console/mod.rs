@@ -37,6 +37,7 @@ mod trouble {
     pub const TX_MALFORMED: u32 = 0;
     pub const OUTPUT: u32 = 1;
     pub const QUEUE: u32 = 2;
+    pub const BROKEN_QUEUE: u32 = 3;
 }
 
 enum DeviceState {
@@ -132,7 +133,7 @@ impl Console {
         let before = self.staged.len();
         let mut used_any = false;
         while !self.staged.is_empty() {
-            let Some(chain) = state.rx.pop_descriptor_chain(&mem) else {
+            let Ok(Some(chain)) = super::pop_chain(&mut state.rx, &mem) else {
                 // Ask to be told when the guest posts buffers again.
                 match super::more_available(&mut state.rx, &mem) {
                     Ok(true) => continue,
@@ -154,7 +155,7 @@ impl Console {
                     break;
                 }
             }
-            used_any |= state.rx.add_used(&mem, head, written).is_ok();
+            used_any |= super::add_used(&mut state.rx, &mem, head, written).is_ok();
         }
         if used_any && state.rx.needs_notification(&mem).unwrap_or(true) {
             state.interrupt.trigger(InterruptKind::Queue);
@@ -174,11 +175,12 @@ impl Console {
         let mut used_any = false;
         let mut malformed = false;
         let mut output_failed = None;
+        let mut broken = None;
         loop {
             if state.tx.disable_notification(&mem).is_err() {
                 break;
             }
-            while let Some(chain) = state.tx.pop_descriptor_chain(&mem) {
+            while let Ok(Some(chain)) = super::pop_chain(&mut state.tx, &mem) {
                 let head = chain.head_index();
                 'descriptors: for desc in chain {
                     let len = desc.len() as usize;
@@ -205,11 +207,15 @@ impl Console {
                         copied += n;
                     }
                 }
-                used_any |= state.tx.add_used(&mem, head, 0).is_ok();
+                used_any |= super::add_used(&mut state.tx, &mem, head, 0).is_ok();
             }
             match super::more_available(&mut state.tx, &mem) {
                 Ok(true) => continue,
-                _ => break,
+                Ok(false) => break,
+                Err(err) => {
+                    broken = Some(err);
+                    break;
+                }
             }
         }
         if used_any && state.tx.needs_notification(&mem).unwrap_or(true) {
@@ -223,6 +229,12 @@ impl Console {
         }
         if let Some(err) = output_failed {
             self.warn_once(trouble::OUTPUT, format_args!("console output lost: {err}"));
+        }
+        if let Some(err) = broken {
+            self.warn_once(
+                trouble::BROKEN_QUEUE,
+                format_args!("transmit queue is broken: {err}"),
+            );
         }
     }
 }

@@ -5,6 +5,7 @@ use std::sync::Mutex;
 use vm_memory::GuestAddress;
 
 use super::*;
+use crate::virtio::test_log::{assert_logged_once, logged};
 use crate::virtio::test_ring::{TestRing, returns_promptly};
 
 #[derive(Clone, Default)]
@@ -174,4 +175,25 @@ fn long_transmit_descriptors_are_copied_through_a_bounded_buffer() {
     assert!(screen.iter().all(|b| *b == b'z'));
     assert!(h.console.tx_buf.capacity() <= TX_CHUNK);
     assert_eq!(h.tx.all_used(&h.mem).len(), 2, "both returned");
+}
+
+#[test]
+fn a_broken_transmit_ring_is_logged_once_not_on_every_notification() {
+    // Found by the hostile test guest: virtio-queue logged an error of its own every time the
+    // device met a head index the queue does not have, or a ring whose available index ran more
+    // than a queue ahead.
+    let mut h = harness();
+    let mut lines = Vec::new();
+    for _ in 0..3 {
+        h.tx.add_head(&h.mem, QUEUE_SIZE);
+        h.tx.add_head(&h.mem, u16::MAX);
+        lines.extend(logged(|| h.console.process_tx()));
+    }
+    h.tx.set_avail_idx(&h.mem, 6 + QUEUE_SIZE + 1);
+    for _ in 0..3 {
+        lines.extend(logged(|| h.console.process_tx()));
+    }
+    assert_eq!(h.tx.used_idx(&h.mem), 0, "nothing to give back");
+    assert_logged_once(&lines);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
 }

@@ -269,7 +269,7 @@ impl<B: FrameBackend> Net<B> {
             return Delivery::NoBuffers;
         };
         for (head, len) in used {
-            if state.rx.add_used(&mem, head, len).is_err() {
+            if super::add_used(&mut state.rx, &mem, head, len).is_err() {
                 break;
             }
         }
@@ -291,12 +291,15 @@ impl<B: FrameBackend> Net<B> {
                 self.warn_once(trouble::QUEUE, format_args!("transmit queue is broken"));
                 break;
             }
-            while let Some(chain) = self.queues().and_then(|s| s.tx.pop_descriptor_chain(&mem)) {
+            while let Some(chain) = self
+                .queues()
+                .and_then(|s| super::pop_chain(&mut s.tx, &mem).ok().flatten())
+            {
                 let head = chain.head_index();
                 self.transmit(chain, &mem);
                 sent_any = true;
                 if let Some(state) = self.queues() {
-                    let _ = state.tx.add_used(&mem, head, 0);
+                    let _ = super::add_used(&mut state.tx, &mem, head, 0);
                 }
             }
             match self
@@ -304,6 +307,13 @@ impl<B: FrameBackend> Net<B> {
                 .map(|s| super::more_available(&mut s.tx, &mem))
             {
                 Some(Ok(true)) => continue,
+                Some(Err(err)) => {
+                    self.warn_once(
+                        trouble::QUEUE,
+                        format_args!("transmit queue is broken: {err}"),
+                    );
+                    break;
+                }
                 _ => break,
             }
         }
@@ -381,7 +391,7 @@ impl<B: FrameBackend> Net<B> {
 
 /// Pops one receive chain and collects its writable buffers.
 fn pop_rx_chain(queue: &mut Queue, mem: &GuestMemoryMmap) -> Option<RxChain> {
-    let chain = queue.pop_descriptor_chain(mem)?;
+    let chain = super::pop_chain(queue, mem).ok().flatten()?;
     let head = chain.head_index();
     let buffers: Vec<_> = chain
         .filter(|d| d.is_write_only())

@@ -5,6 +5,7 @@ use std::os::unix::net::UnixDatagram;
 use vm_memory::GuestAddress;
 
 use super::*;
+use crate::virtio::test_log::{assert_logged_once, logged};
 use crate::virtio::test_ring::{TestRing, returns_promptly};
 
 const RX_BASE: u64 = 0;
@@ -258,4 +259,25 @@ fn a_frame_waiting_for_more_mergeable_buffers_does_not_hang() {
     net.process_rx();
     assert_eq!(rx.used_idx(&mem), 2, "one frame in two buffers");
     assert_eq!(net.counters().rx_frames, 1);
+}
+
+#[test]
+fn a_broken_transmit_ring_is_logged_once_not_on_every_notification() {
+    // Found by the hostile test guest: virtio-queue logged an error of its own every time the
+    // device met a head index the queue does not have, or a ring whose available index ran more
+    // than a queue ahead.
+    let mut h = harness(false);
+    let mut lines = Vec::new();
+    for _ in 0..3 {
+        h.tx.add_head(&h.mem, SIZE);
+        h.tx.add_head(&h.mem, u16::MAX);
+        lines.extend(logged(|| h.net.process_tx()));
+    }
+    h.tx.set_avail_idx(&h.mem, 6 + SIZE + 1);
+    for _ in 0..3 {
+        lines.extend(logged(|| h.net.process_tx()));
+    }
+    assert_eq!(h.tx.used_idx(&h.mem), 0, "nothing to give back");
+    assert_logged_once(&lines);
+    assert_eq!(lines.len(), 2, "{lines:#?}");
 }
