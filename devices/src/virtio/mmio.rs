@@ -12,7 +12,7 @@ use virtio_bindings::virtio_config::{
 };
 use virtio_bindings::virtio_mmio as reg;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::{
     ActivateError, InterruptKind, IrqTrigger, LogOnce, TRANSPORT_FEATURES, VIRTIO_F_VERSION_1,
@@ -47,6 +47,19 @@ mod mistake {
     pub const UNKNOWN_REGISTER: u32 = 5;
     pub const NO_VERSION_1: u32 = 6;
     pub const ACTIVATE_FAILED: u32 = 7;
+    pub const BAD_QUEUE_VALUE: u32 = 8;
+}
+
+/// `addr` with the half that queue register `offset` holds (the `_HIGH` registers sit 4 bytes
+/// after their `_LOW` ones) replaced by `value`.
+fn with_half(addr: u64, offset: u32, value: u32) -> GuestAddress {
+    let value = u64::from(value);
+    GuestAddress(match offset {
+        reg::VIRTIO_MMIO_QUEUE_DESC_HIGH
+        | reg::VIRTIO_MMIO_QUEUE_AVAIL_HIGH
+        | reg::VIRTIO_MMIO_QUEUE_USED_HIGH => (addr & 0xffff_ffff) | (value << 32),
+        _ => (addr & !0xffff_ffff) | value,
+    })
 }
 
 /// Errors creating a transport.
@@ -218,18 +231,35 @@ impl MmioTransport {
             );
             return;
         };
-        match offset {
-            // virtio-queue refuses sizes that are not a power of two or exceed the maximum;
-            // activation then fails its validity check.
-            reg::VIRTIO_MMIO_QUEUE_NUM => queue.set_size(value as u16),
-            reg::VIRTIO_MMIO_QUEUE_READY => queue.set_ready(value == 1),
-            reg::VIRTIO_MMIO_QUEUE_DESC_LOW => queue.set_desc_table_address(Some(value), None),
-            reg::VIRTIO_MMIO_QUEUE_DESC_HIGH => queue.set_desc_table_address(None, Some(value)),
-            reg::VIRTIO_MMIO_QUEUE_AVAIL_LOW => queue.set_avail_ring_address(Some(value), None),
-            reg::VIRTIO_MMIO_QUEUE_AVAIL_HIGH => queue.set_avail_ring_address(None, Some(value)),
-            reg::VIRTIO_MMIO_QUEUE_USED_LOW => queue.set_used_ring_address(Some(value), None),
-            reg::VIRTIO_MMIO_QUEUE_USED_HIGH => queue.set_used_ring_address(None, Some(value)),
-            _ => {}
+        // A size that is not a power of two up to the maximum, or a misaligned ring, is refused
+        // and the register keeps its value (virtio-queue's own setters would log every refusal).
+        let result = match offset {
+            reg::VIRTIO_MMIO_QUEUE_NUM => u16::try_from(value)
+                .map_err(|_| virtio_queue::Error::InvalidSize)
+                .and_then(|size| queue.try_set_size(size)),
+            reg::VIRTIO_MMIO_QUEUE_READY => {
+                queue.set_ready(value == 1);
+                Ok(())
+            }
+            reg::VIRTIO_MMIO_QUEUE_DESC_LOW | reg::VIRTIO_MMIO_QUEUE_DESC_HIGH => {
+                let addr = with_half(queue.desc_table(), offset, value);
+                queue.try_set_desc_table_address(addr)
+            }
+            reg::VIRTIO_MMIO_QUEUE_AVAIL_LOW | reg::VIRTIO_MMIO_QUEUE_AVAIL_HIGH => {
+                let addr = with_half(queue.avail_ring(), offset, value);
+                queue.try_set_avail_ring_address(addr)
+            }
+            reg::VIRTIO_MMIO_QUEUE_USED_LOW | reg::VIRTIO_MMIO_QUEUE_USED_HIGH => {
+                let addr = with_half(queue.used_ring(), offset, value);
+                queue.try_set_used_ring_address(addr)
+            }
+            _ => Ok(()),
+        };
+        if let Err(err) = result {
+            self.mistake(
+                mistake::BAD_QUEUE_VALUE,
+                format_args!("queue {index} register {offset:#x} refused {value:#x}: {err}"),
+            );
         }
     }
 
@@ -386,6 +416,7 @@ mod tests {
     use vmm_sys_util::eventfd::EventFd;
 
     use super::*;
+    use crate::virtio::test_log::{assert_logged_once, logged};
 
     struct Dummy {
         events: Vec<EventFd>,
@@ -587,6 +618,33 @@ mod tests {
         assert_eq!(r(&mut t, reg::VIRTIO_MMIO_QUEUE_NUM_MAX), 16);
         w(&mut t, reg::VIRTIO_MMIO_QUEUE_SEL, 7);
         assert_eq!(r(&mut t, reg::VIRTIO_MMIO_QUEUE_NUM_MAX), 0);
+    }
+
+    #[test]
+    fn invalid_queue_values_are_refused_and_logged_once() {
+        // Found by the hostile test guest: virtio-queue's setters logged an error for every queue
+        // size that is not a power of two and every misaligned ring address, so a driver writing
+        // them in a loop filled nvmm's log. A size over 16 bits was cut to its low 16 bits.
+        let (mut t, _, mem, _irq) = transport();
+        negotiate(&mut t, &mem);
+        let before = t.queues[0].state();
+        w(&mut t, reg::VIRTIO_MMIO_QUEUE_SEL, 0);
+        let lines = logged(|| {
+            for _ in 0..3 {
+                w(&mut t, reg::VIRTIO_MMIO_QUEUE_NUM, 3);
+                w(&mut t, reg::VIRTIO_MMIO_QUEUE_NUM, 0x1_0008);
+                w(&mut t, reg::VIRTIO_MMIO_QUEUE_DESC_LOW, 0x1_0001);
+                w(&mut t, reg::VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x2_0001);
+                w(&mut t, reg::VIRTIO_MMIO_QUEUE_USED_LOW, 0x3_0002);
+            }
+        });
+        assert_logged_once(&lines);
+        assert_eq!(lines.len(), 1, "{lines:#?}");
+        assert_eq!(t.queues[0].state(), before, "every value refused");
+        w(&mut t, reg::VIRTIO_MMIO_QUEUE_NUM, 8);
+        w(&mut t, reg::VIRTIO_MMIO_QUEUE_DESC_HIGH, 1);
+        assert_eq!(t.queues[0].size(), 8);
+        assert_eq!(t.queues[0].desc_table(), 1 << 32 | before.desc_table);
     }
 
     #[test]
