@@ -151,8 +151,7 @@ pub fn checked_queues<const N: usize>(
     queues: Vec<Queue>,
     mem: &GuestMemoryMmap,
 ) -> Result<[Queue; N], ActivateError> {
-    use virtio_queue::QueueT;
-    if let Some(index) = queues.iter().position(|q| !q.is_valid(mem)) {
+    if let Some(index) = queues.iter().position(|q| !usable(q, mem)) {
         return Err(ActivateError::InvalidQueue(index));
     }
     queues
@@ -161,6 +160,23 @@ pub fn checked_queues<const N: usize>(
             expected: N,
             got: q.len(),
         })
+}
+
+/// Whether the driver made `queue` ready and its three rings lie in guest memory.
+///
+/// This is virtio-queue's `is_valid` without its error log: a driver may set DRIVER_OK with a
+/// bad ring after every reset, as often as it likes, and the transport logs a failed activation
+/// once per device.
+fn usable(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
+    use virtio_queue::QueueT;
+    use vm_memory::{GuestAddress, GuestMemoryBackend};
+    let size = u64::from(queue.size());
+    // Descriptors of 16 bytes; flags, index, entries of 2 (available) or 8 (used) bytes, event.
+    let fits = |addr: u64, len: u64| mem.check_range(GuestAddress(addr), len as usize);
+    queue.ready()
+        && fits(queue.desc_table(), 16 * size)
+        && fits(queue.avail_ring(), 6 + 2 * size)
+        && fits(queue.used_ring(), 6 + 8 * size)
 }
 
 /// Re-enables notifications on `queue` and says whether the driver made more chains available
@@ -269,6 +285,44 @@ mod tests {
         assert_eq!(data, [0; 4]);
         read_config_bytes(&config, u64::MAX, &mut data);
         assert_eq!(data, [0; 4]);
+    }
+
+    #[test]
+    fn unusable_queues_are_refused_without_a_log_line_each() {
+        // Found by the hostile test guest: this used virtio-queue's is_valid, which logs an error
+        // for every activation with a queue not ready or a ring outside guest memory, and a
+        // driver can activate like that after every reset.
+        use virtio_queue::QueueT;
+        use vm_memory::GuestAddress;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let queue = |ready, desc| {
+            let mut queue = Queue::new(16).unwrap();
+            queue.set_ready(ready);
+            queue
+                .try_set_desc_table_address(GuestAddress(desc))
+                .unwrap();
+            queue
+                .try_set_avail_ring_address(GuestAddress(0x1000))
+                .unwrap();
+            queue
+                .try_set_used_ring_address(GuestAddress(0x2000))
+                .unwrap();
+            queue
+        };
+        let lines = test_log::logged(|| {
+            for _ in 0..3 {
+                for bad in [
+                    queue(false, 0),
+                    queue(true, 0xff80),
+                    queue(true, u64::MAX - 15),
+                ] {
+                    let refused = checked_queues::<1>(vec![bad], &mem).err();
+                    assert_eq!(refused, Some(ActivateError::InvalidQueue(0)));
+                }
+            }
+        });
+        assert_eq!(lines, Vec::<String>::new());
+        assert!(checked_queues::<1>(vec![queue(true, 0)], &mem).is_ok());
     }
 
     #[test]
