@@ -152,6 +152,15 @@ fn assert_fails(out: &Output, code: i32, error: &str, hint: &str) {
     );
 }
 
+/// Every file under `dir` but logs (a background VM starts its `nvmm.log` just after its
+/// start was reported).
+fn state_files(dir: &Path) -> Vec<PathBuf> {
+    files(dir)
+        .into_iter()
+        .filter(|p| p.extension().is_none_or(|e| e != "log"))
+        .collect()
+}
+
 /// Every file under `dir`.
 fn files(dir: &Path) -> Vec<PathBuf> {
     let mut found = Vec::new();
@@ -188,8 +197,19 @@ fn assert_nothing_left(runtime: &Path, state: &Path, ns: Option<&Netns>) {
     if let Some(ns) = ns {
         assert_eq!(ns.links(), vec!["lo".to_owned()], "no tap, no bridge left");
     }
-    let processes = processes_with_runtime_dir(runtime);
-    assert!(processes.is_empty(), "nvmm processes left: {processes:?}");
+    // A VM's nvmm releases its name (what `stop` waits for) a moment before it exits.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let processes = processes_with_runtime_dir(runtime);
+        if processes.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nvmm processes left: {processes:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Processes (not zombies) whose environment names `runtime` as NVMM_RUNTIME_DIR.
@@ -640,7 +660,7 @@ fn run_name_that_runs() {
     let dirs = Dirs::new("run-clash");
     let out = run(dirs.nvmm(&run_args(&["-d", "--cmdline", "nvmm_test=wait"])));
     assert_eq!(out.code(), Some(0), "{out:?}");
-    let before = files(&dirs.runtime());
+    let before = state_files(&dirs.runtime());
 
     let out = run(dirs.nvmm(&run_args(&["--cmdline", "nvmm_test=hello"])));
     assert_fails(
@@ -650,7 +670,7 @@ fn run_name_that_runs() {
         "attach to it with `nvmm console bad`, or stop it with `nvmm stop bad`",
     );
     // The running VM is untouched.
-    assert_eq!(files(&dirs.runtime()), before);
+    assert_eq!(state_files(&dirs.runtime()), before);
     wait_running(&dirs, None, "bad");
 
     let out = run(dirs.nvmm(&["stop", "bad"]));
@@ -769,7 +789,7 @@ fn boot_name_that_runs() {
     let dir = test_runner(&dirs, "busy", "nvmm_test=wait", "");
     let out = run(dirs.nvmm_in(&ns, &["boot", "-d", "--runner", &dir]));
     assert_eq!(out.code(), Some(0), "{out:?}");
-    let before = (files(&dirs.runtime()), ns.links());
+    let before = (state_files(&dirs.runtime()), ns.links());
 
     let out = run(dirs.nvmm_in(&ns, &["boot", "--runner", &dir]));
     assert_fails(
@@ -779,7 +799,7 @@ fn boot_name_that_runs() {
         "attach to it with `nvmm console busy`, or stop it with `nvmm stop busy`",
     );
     assert_eq!(
-        (files(&dirs.runtime()), ns.links()),
+        (state_files(&dirs.runtime()), ns.links()),
         before,
         "busy is untouched"
     );
