@@ -10,6 +10,7 @@ use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
 };
+use virtio_bindings::virtio_ids::{VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VIRTIO_ID_NET};
 use virtio_bindings::virtio_mmio as reg;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -82,6 +83,10 @@ pub struct MmioTransport {
     queue_select: u32,
     queues: Vec<Queue>,
     mistakes: LogOnce,
+    /// Where the bus put the register window (learnt from the first access), and the device
+    /// type: what the log names the device by.
+    base: u64,
+    device_type: u32,
 }
 
 impl std::fmt::Debug for MmioTransport {
@@ -100,11 +105,15 @@ impl MmioTransport {
         mem: GuestMemoryMmap,
         interrupt: Arc<IrqTrigger>,
     ) -> Result<Self, MmioError> {
-        let queues = lock(&device)
-            .queue_max_sizes()
-            .iter()
-            .map(|&size| Queue::new(size).map_err(|e| MmioError::QueueSize(size, e)))
-            .collect::<Result<Vec<_>, _>>()?;
+        let (queues, device_type) = {
+            let device = lock(&device);
+            let queues = device
+                .queue_max_sizes()
+                .iter()
+                .map(|&size| Queue::new(size).map_err(|e| MmioError::QueueSize(size, e)))
+                .collect::<Result<Vec<_>, _>>()?;
+            (queues, device.device_type())
+        };
         Ok(Self {
             device,
             mem,
@@ -116,6 +125,8 @@ impl MmioTransport {
             queue_select: 0,
             queues,
             mistakes: LogOnce::default(),
+            base: 0,
+            device_type,
         })
     }
 
@@ -131,7 +142,16 @@ impl MmioTransport {
 
     fn mistake(&mut self, kind: u32, what: std::fmt::Arguments<'_>) {
         if self.mistakes.first(kind) {
-            log::warn!("virtio-mmio: {what} (further such guest errors are not logged)");
+            let device = match self.device_type {
+                VIRTIO_ID_NET => "net",
+                VIRTIO_ID_BLOCK => "block",
+                VIRTIO_ID_CONSOLE => "console",
+                _ => "device",
+            };
+            log::warn!(
+                "virtio-mmio {:#x} ({device}): {what} (further such guest errors are not logged)",
+                self.base
+            );
         }
     }
 
@@ -376,7 +396,8 @@ impl MmioTransport {
 }
 
 impl BusDevice for MmioTransport {
-    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+    fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
+        self.base = base;
         if offset >= u64::from(reg::VIRTIO_MMIO_CONFIG) {
             lock(&self.device).read_config(offset - u64::from(reg::VIRTIO_MMIO_CONFIG), data);
             return;
@@ -393,7 +414,8 @@ impl BusDevice for MmioTransport {
         data.copy_from_slice(&value.to_le_bytes());
     }
 
-    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+    fn write(&mut self, base: u64, offset: u64, data: &[u8]) {
+        self.base = base;
         if offset >= u64::from(reg::VIRTIO_MMIO_CONFIG) {
             lock(&self.device).write_config(offset - u64::from(reg::VIRTIO_MMIO_CONFIG), data);
             return;
@@ -618,6 +640,30 @@ mod tests {
         assert_eq!(r(&mut t, reg::VIRTIO_MMIO_QUEUE_NUM_MAX), 16);
         w(&mut t, reg::VIRTIO_MMIO_QUEUE_SEL, 7);
         assert_eq!(r(&mut t, reg::VIRTIO_MMIO_QUEUE_NUM_MAX), 0);
+    }
+
+    #[test]
+    fn guest_errors_are_logged_once_per_device_and_name_it() {
+        // With several devices, the hostile test guest's log said "virtio-mmio: invalid status
+        // change" once per device, with nothing to tell which device it was about.
+        let (mut first, ..) = transport();
+        let (mut second, ..) = transport();
+        let lines = logged(|| {
+            for _ in 0..3 {
+                first.write(0xd000_0000, 0x70, &4u32.to_le_bytes());
+                second.write(0xd000_1000, 0x70, &4u32.to_le_bytes());
+            }
+        });
+        assert_logged_once(&lines);
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        assert!(
+            lines[0].contains("virtio-mmio 0xd0000000 (block): invalid status change"),
+            "{lines:#?}"
+        );
+        assert!(
+            lines[1].contains("virtio-mmio 0xd0001000 (block)"),
+            "{lines:#?}"
+        );
     }
 
     #[test]
