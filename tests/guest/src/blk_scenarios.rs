@@ -79,7 +79,7 @@ fn setup(boot: &BootInfo) -> Result<(Arena, Devices, Options), &'static str> {
     Ok((arena, devices, options))
 }
 
-fn init(found: Found, arena: &mut Arena, options: Options) -> Result<BlkDevice, &'static str> {
+pub fn init(found: Found, arena: &mut Arena, options: Options) -> Result<BlkDevice, &'static str> {
     let index = found.index;
     BlkDevice::init(index, found.transport, arena, options).inspect_err(|reason| {
         say!("virtio dev={index} failed reason={reason}");
@@ -220,7 +220,7 @@ fn listed_sectors(
 }
 
 /// GET_ID and the device's summary lines; checks the device raised an interrupt.
-fn blk_identify(index: usize, dev: &mut BlkDevice, arena: &mut Arena) -> Outcome {
+pub fn blk_identify(index: usize, dev: &mut BlkDevice, arena: &mut Arena) -> Outcome {
     let mut id = arena.alloc(ID_BYTES, 64)?;
     // SAFETY: nothing is in flight yet; the buffer is this request's alone.
     fill_bytes(unsafe { id.bytes_mut() }, 0);
@@ -259,7 +259,7 @@ fn blk_identify(index: usize, dev: &mut BlkDevice, arena: &mut Arena) -> Outcome
 
 /// Writes the listed sectors (all in flight, two segments each), flushes,
 /// reads them back (three segments each, indirect) and compares.
-fn blk_write_read(
+pub fn blk_write_read(
     index: usize,
     dev: &mut BlkDevice,
     arena: &mut Arena,
@@ -344,7 +344,7 @@ fn blk_write_read(
 }
 
 /// A read-only disk must refuse a write with IOERR and still read.
-fn blk_read_only(index: usize, dev: &mut BlkDevice, arena: &mut Arena) -> Outcome {
+pub fn blk_read_only(index: usize, dev: &mut BlkDevice, arena: &mut Arena) -> Outcome {
     let mut buf = arena.alloc(SECTOR_SIZE, 4096)?;
     // SAFETY: no request uses the buffer yet.
     fill_pattern(unsafe { buf.bytes_mut() }, 0);

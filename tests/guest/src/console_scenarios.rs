@@ -17,14 +17,14 @@ use crate::mem::zeroed;
 use crate::scenarios::{Outcome, cmdline_value, number_option};
 use crate::serial::{read_byte, write_byte};
 use crate::time::{Deadline, delay_us, us_since};
-use crate::virtio_mmio::{DEVICE_ID_CONSOLE, Options, discover};
+use crate::virtio_mmio::{DEVICE_ID_CONSOLE, Devices, Options, discover};
 
 /// Ends `vcon_echo` (Ctrl-D), as it ends the serial `echo`.
 const END_OF_INPUT: u8 = 0x04;
 
 /// Transmit slots for the echoes: a slot holds the echo of a whole receive
 /// buffer even if every byte is a `\r` (echoed as two).
-const ECHO_TX: TxLayout = TxLayout {
+pub const ECHO_TX: TxLayout = TxLayout {
     slots: 16,
     slot_len: 2 * RX_BUFFER_LEN,
 };
@@ -105,10 +105,20 @@ fn bring_up(boot: &BootInfo, layout: TxLayout) -> Result<ConsoleDevice, &'static
     let options = Options::from_cmdline(boot.cmdline)?;
     let mut arena = Arena::claim(boot)?;
     let mut devices = discover(boot.cmdline)?;
+    bring_up_with(&mut arena, &mut devices, options, layout)
+}
+
+/// [`bring_up`] with the arena and devices of a scenario that has them already.
+pub fn bring_up_with(
+    arena: &mut Arena,
+    devices: &mut Devices,
+    options: Options,
+    layout: TxLayout,
+) -> Result<ConsoleDevice, &'static str> {
     let mut first = None;
     for found in devices.take_all(DEVICE_ID_CONSOLE) {
         let index = found.index;
-        let dev = ConsoleDevice::init(index, found.transport, &mut arena, options, layout)
+        let dev = ConsoleDevice::init(index, found.transport, arena, options, layout)
             .inspect_err(|reason| say!("virtio dev={index} failed reason={reason}"))?;
         let (cols, rows) = dev.size().unwrap_or((0, 0));
         say!(
@@ -130,6 +140,15 @@ pub fn vcon_echo(boot: &BootInfo) -> Outcome {
     let mut dev = bring_up(boot, ECHO_TX)?;
     say!("vcon_echo ready");
     dev.write(b"vcon: ready\r\n")?;
+    let count = echo_until_eot(&mut dev)?;
+    say!("vcon_echo done bytes={count}");
+    Ok(())
+}
+
+/// Echoes what `dev` receives back to it (`\r` as `\r\n`) until Ctrl-D, and
+/// waits until every echo has left the guest. Returns the bytes echoed, not
+/// counting the Ctrl-D (a `\r` counts 1).
+pub fn echo_until_eot(dev: &mut ConsoleDevice) -> Result<u64, &'static str> {
     let mut input: [u8; RX_BUFFER_LEN] = zeroed();
     let mut output: [u8; 2 * RX_BUFFER_LEN] = zeroed();
     let mut count: u64 = 0;
@@ -164,8 +183,7 @@ pub fn vcon_echo(boot: &BootInfo) -> Outcome {
     }
     // Everything echoed has left the guest before the line that ends it.
     dev.drain_tx()?;
-    say!("vcon_echo done bytes={count}");
-    Ok(())
+    Ok(count)
 }
 
 // ---- vcon_size ----

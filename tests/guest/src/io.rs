@@ -81,6 +81,33 @@ pub unsafe fn mmio_write32(addr: u64, value: u32) {
     unsafe { core::ptr::write_volatile(addr as *mut u32, value) }
 }
 
+/// Reads 64 bits of memory-mapped device registers at once.
+///
+/// # Safety
+/// As for [`mmio_read32`], for an 8-byte aligned 64-bit read.
+pub unsafe fn mmio_read64(addr: u64) -> u64 {
+    // SAFETY: the caller guarantees mapped, aligned registers.
+    unsafe { core::ptr::read_volatile(addr as *const u64) }
+}
+
+/// Writes 64 bits of memory-mapped device registers at once.
+///
+/// # Safety
+/// As for [`mmio_read32`], for an 8-byte aligned 64-bit write.
+pub unsafe fn mmio_write64(addr: u64, value: u64) {
+    // SAFETY: the caller guarantees mapped, aligned registers.
+    unsafe { core::ptr::write_volatile(addr as *mut u64, value) }
+}
+
+/// Writes a 16-bit memory-mapped device register.
+///
+/// # Safety
+/// As for [`mmio_read32`], for a 2-byte aligned 16-bit write.
+pub unsafe fn mmio_write16(addr: u64, value: u16) {
+    // SAFETY: the caller guarantees a mapped, aligned register.
+    unsafe { core::ptr::write_volatile(addr as *mut u16, value) }
+}
+
 /// Writes an 8-bit memory-mapped device register.
 ///
 /// # Safety

@@ -21,6 +21,7 @@ mod console;
 mod console_scenarios;
 mod dma;
 mod entry;
+mod hostile;
 mod io;
 mod keyboard;
 mod mem;

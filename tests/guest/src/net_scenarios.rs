@@ -249,9 +249,24 @@ pub fn net_ping(boot: &BootInfo) -> Outcome {
     let mut storage = [SocketStorage::EMPTY; 1];
     let mut metadata = [icmp::PacketMetadata::EMPTY; 8];
     let mut stack = Stack::bring_up(boot, &mut storage)?;
+    let replies = ping(boot, &mut stack, &mut metadata)?;
+    stack.say_stats();
+    if replies == 0 {
+        return Err("no-reply");
+    }
+    Ok(())
+}
+
+/// The ping of `net_ping` on `stack`, to `target=HOST`: prints a line per
+/// reply and `net_ping sent=... received=...`, and returns the replies.
+pub fn ping<'s>(
+    boot: &BootInfo,
+    stack: &mut Stack<'s>,
+    metadata: &'s mut [icmp::PacketMetadata],
+) -> Result<u32, &'static str> {
     let target = cmdline_value(boot.cmdline, b"target").ok_or("no-target")?;
     let target = stack.config.resolve(target)?;
-    let handle = stack.add_icmp(&mut metadata, 1024)?;
+    let handle = stack.add_icmp(metadata, 1024)?;
     let socket = stack.sockets.get_mut::<icmp::Socket>(handle);
     socket
         .bind(icmp::Endpoint::Ident(PING_IDENT))
@@ -294,11 +309,7 @@ pub fn net_ping(boot: &BootInfo) -> Outcome {
         }
     }
     say!("net_ping sent={PING_COUNT} received={replies}");
-    stack.say_stats();
-    if replies == 0 {
-        return Err("no-reply");
-    }
-    Ok(())
+    Ok(replies)
 }
 
 // ---- net_bench ----

@@ -20,7 +20,7 @@ use crate::io::rdtsc;
 use crate::net::{DEFAULT_RX_BUFFER, MAX_RX_BUFFER, MIN_RX_BUFFER, NetDevice, NetOptions};
 use crate::scenarios::{Outcome, cmdline_value, number_option};
 use crate::time::{Deadline, now_us};
-use crate::virtio_mmio::{DEVICE_ID_NET, Options, discover};
+use crate::virtio_mmio::{DEVICE_ID_NET, Devices, Options, discover};
 
 /// Most `name=address` pairs in `nvmm_hosts=`.
 const MAX_HOSTS: usize = 16;
@@ -206,8 +206,32 @@ impl<'s> Stack<'s> {
     ) -> Result<Stack<'s>, &'static str> {
         let config = NetConfig::from_cmdline(boot.cmdline)?;
         let options = net_options(boot)?;
-        let mut arena = Arena::claim(boot)?;
+        let arena = Arena::claim(boot)?;
         let mut devices = discover(boot.cmdline)?;
+        Self::start(config, options, arena, &mut devices, storage)
+    }
+
+    /// [`bring_up`](Self::bring_up) for a scenario that has claimed the arena
+    /// and found the devices already: the stack takes what is left of the
+    /// arena, and the network devices out of `devices`.
+    pub fn bring_up_with(
+        boot: &BootInfo,
+        arena: Arena,
+        devices: &mut Devices,
+        storage: &'s mut [SocketStorage<'s>],
+    ) -> Result<Stack<'s>, &'static str> {
+        let config = NetConfig::from_cmdline(boot.cmdline)?;
+        let options = net_options(boot)?;
+        Self::start(config, options, arena, devices, storage)
+    }
+
+    fn start(
+        config: NetConfig,
+        options: NetOptions,
+        mut arena: Arena,
+        devices: &mut Devices,
+        storage: &'s mut [SocketStorage<'s>],
+    ) -> Result<Stack<'s>, &'static str> {
         let mut first = None;
         for found in devices.take_all(DEVICE_ID_NET) {
             let index = found.index;

@@ -7,7 +7,7 @@ use crate::io::{halt_forever, outb, phys_bytes};
 use crate::keyboard::CtrlAltDel;
 use crate::power::{i8042_reset, power_off, triple_fault, try_acpi_poweroff};
 use crate::serial::{read_byte, write_byte};
-use crate::{blk_scenarios, console_scenarios, net_scenarios, smp};
+use crate::{blk_scenarios, console_scenarios, hostile, net_scenarios, smp};
 
 /// What a scenario returns: `Err` carries the `reason=` word.
 pub type Outcome = Result<(), &'static str>;
@@ -41,6 +41,7 @@ pub fn run(boot: &BootInfo) -> ! {
         b"vcon_size" => console_scenarios::vcon_size(boot),
         b"vcon_flood" => console_scenarios::vcon_flood(boot),
         b"vcon_rtt" => console_scenarios::vcon_rtt(boot),
+        b"hostile" => hostile::hostile(boot),
         b"panic" => panic!("on purpose (nvmm_test=panic)"),
         _ => Err("unknown-scenario"),
     };

@@ -8,49 +8,52 @@
 //! that only Linux's device model uses.
 
 use crate::dma::{MAX_DEVICES, claim_ring_pages};
-use crate::io::{MAPPED_LIMIT, mmio_read8, mmio_read16, mmio_read32, mmio_write32};
+use crate::io::{
+    MAPPED_LIMIT, mmio_read8, mmio_read16, mmio_read32, mmio_read64, mmio_write8, mmio_write16,
+    mmio_write32, mmio_write64,
+};
 use crate::scenarios::{cmdline_value, cmdline_values, parse_decimal};
 use crate::virtqueue::{MAX_QUEUE_SIZE, Virtqueue};
 
 /// "virt" in little-endian ASCII.
-const MAGIC: u32 = 0x7472_6976;
+pub const MAGIC: u32 = 0x7472_6976;
 /// The modern register layout; 1 is the legacy (pre-1.0) one.
 pub const VERSION_MODERN: u32 = 2;
 /// The device registers end where the device configuration starts.
-const CONFIG: u64 = 0x100;
+pub const CONFIG: u64 = 0x100;
 /// Smallest window the driver accepts: the registers and 256 bytes of config.
 const MIN_WINDOW: u64 = 0x200;
 
 // Register offsets.
-const REG_MAGIC: u64 = 0x000;
-const REG_VERSION: u64 = 0x004;
-const REG_DEVICE_ID: u64 = 0x008;
-const REG_DEVICE_FEATURES: u64 = 0x010;
-const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
-const REG_DRIVER_FEATURES: u64 = 0x020;
-const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
-const REG_QUEUE_SEL: u64 = 0x030;
-const REG_QUEUE_NUM_MAX: u64 = 0x034;
-const REG_QUEUE_NUM: u64 = 0x038;
-const REG_QUEUE_READY: u64 = 0x044;
-const REG_QUEUE_NOTIFY: u64 = 0x050;
-const REG_INTERRUPT_STATUS: u64 = 0x060;
-const REG_INTERRUPT_ACK: u64 = 0x064;
-const REG_STATUS: u64 = 0x070;
-const REG_QUEUE_DESC_LOW: u64 = 0x080;
-const REG_QUEUE_DESC_HIGH: u64 = 0x084;
-const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
-const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
-const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
-const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-const REG_CONFIG_GENERATION: u64 = 0x0fc;
+pub const REG_MAGIC: u64 = 0x000;
+pub const REG_VERSION: u64 = 0x004;
+pub const REG_DEVICE_ID: u64 = 0x008;
+pub const REG_DEVICE_FEATURES: u64 = 0x010;
+pub const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
+pub const REG_DRIVER_FEATURES: u64 = 0x020;
+pub const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
+pub const REG_QUEUE_SEL: u64 = 0x030;
+pub const REG_QUEUE_NUM_MAX: u64 = 0x034;
+pub const REG_QUEUE_NUM: u64 = 0x038;
+pub const REG_QUEUE_READY: u64 = 0x044;
+pub const REG_QUEUE_NOTIFY: u64 = 0x050;
+pub const REG_INTERRUPT_STATUS: u64 = 0x060;
+pub const REG_INTERRUPT_ACK: u64 = 0x064;
+pub const REG_STATUS: u64 = 0x070;
+pub const REG_QUEUE_DESC_LOW: u64 = 0x080;
+pub const REG_QUEUE_DESC_HIGH: u64 = 0x084;
+pub const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
+pub const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
+pub const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
+pub const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+pub const REG_CONFIG_GENERATION: u64 = 0x0fc;
 
 // Device status bits.
-const STATUS_ACKNOWLEDGE: u32 = 1;
-const STATUS_DRIVER: u32 = 2;
-const STATUS_DRIVER_OK: u32 = 4;
-const STATUS_FEATURES_OK: u32 = 8;
-const STATUS_FAILED: u32 = 128;
+pub const STATUS_ACKNOWLEDGE: u32 = 1;
+pub const STATUS_DRIVER: u32 = 2;
+pub const STATUS_DRIVER_OK: u32 = 4;
+pub const STATUS_FEATURES_OK: u32 = 8;
+pub const STATUS_FAILED: u32 = 128;
 
 // Transport feature bits.
 pub const F_INDIRECT_DESC: u64 = 1 << 28;
@@ -415,22 +418,84 @@ impl Transport {
         }
     }
 
+    /// Guest physical address of the register window.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// Size of the register window, in bytes.
+    pub fn window(&self) -> u64 {
+        self.size
+    }
+
+    /// Reads `width` (1, 2, 4 or 8) bytes at `offset` of the window, whatever
+    /// register or configuration field is there: for the hostile scenario.
+    ///
+    /// # Panics
+    /// If the access is not aligned to its width or does not fit the window.
+    pub fn peek(&self, offset: u64, width: u64) -> u64 {
+        let addr = self.raw_address(offset, width);
+        // SAFETY: `raw_address` checked that the access lies in the window
+        // `new` accepted (mapped, the device's own registers) and is aligned;
+        // a read has no effect the device does not expect from any driver.
+        unsafe {
+            match width {
+                1 => u64::from(mmio_read8(addr)),
+                2 => u64::from(mmio_read16(addr)),
+                4 => u64::from(mmio_read32(addr)),
+                _ => mmio_read64(addr),
+            }
+        }
+    }
+
+    /// Writes the low `width` (1, 2, 4 or 8) bytes of `value` at `offset` of
+    /// the window: for the hostile scenario.
+    ///
+    /// # Panics
+    /// As for [`peek`](Self::peek).
+    pub fn poke(&self, offset: u64, width: u64, value: u64) {
+        let addr = self.raw_address(offset, width);
+        // SAFETY: as in `peek`; whatever the value, a write reaches only
+        // this device, and the guest gives the device no memory but what
+        // the caller set up for it.
+        unsafe {
+            match width {
+                1 => mmio_write8(addr, value as u8),
+                2 => mmio_write16(addr, value as u16),
+                4 => mmio_write32(addr, value as u32),
+                _ => mmio_write64(addr, value),
+            }
+        }
+    }
+
+    fn raw_address(&self, offset: u64, width: u64) -> u64 {
+        assert!(
+            matches!(width, 1 | 2 | 4 | 8)
+                && offset.is_multiple_of(width)
+                && offset + width <= self.size,
+            "{width}-byte access at 0x{offset:x} outside the window"
+        );
+        self.base + offset
+    }
+
     /// Marks the device FAILED: the driver gave up on it.
     pub fn fail(&self) {
         self.set_status(self.status() | STATUS_FAILED);
     }
 
-    fn status(&self) -> u32 {
+    /// The Status register.
+    pub fn status(&self) -> u32 {
         self.read(REG_STATUS)
     }
 
-    fn set_status(&self, status: u32) {
+    /// Writes the Status register.
+    pub fn set_status(&self, status: u32) {
         self.write(REG_STATUS, status);
     }
 
     /// Writes 0 to Status and waits (about a second at most) for the device
     /// to read back 0, which says the reset is complete.
-    fn reset(&self) -> Result<(), &'static str> {
+    pub fn reset(&self) -> Result<(), &'static str> {
         self.set_status(0);
         let deadline = crate::time::Deadline::after_us(1_000_000);
         while self.status() != 0 {
@@ -458,6 +523,11 @@ pub struct Devices {
 }
 
 impl Devices {
+    /// Every device, in command-line order.
+    pub fn iter(&self) -> impl Iterator<Item = &Found> + '_ {
+        self.found.iter().flatten()
+    }
+
     /// The devices with `device_id`, in command-line order, taken out of the list.
     pub fn take_all(&mut self, device_id: u32) -> impl Iterator<Item = Found> + '_ {
         self.found
