@@ -18,7 +18,7 @@ use crate::exit::{CliError, Outcome, error_chain};
 use crate::fleet::{Table, print_stdout};
 use crate::net::addr::format_mac;
 use crate::net::host::{self, Membership, Network, NetworkConfig};
-use crate::nix::{FlakeRef, Nix, NixLog};
+use crate::nix::{FlakeRef, Nix, NixLog, Selection};
 use crate::run::{Launch, Launched, NetworkRequest};
 use crate::runner::{Runner, RunnerConsole, RunnerDiscovery};
 use crate::ssh;
@@ -53,13 +53,13 @@ pub fn boot(args: &BootArgs) -> Result<Outcome, CliError> {
         Some(dir) => runner_target(dir, args.name.as_deref())?,
         None => {
             let (flake, names) = split_names(&args.flake, &args.names)?;
-            build_targets(flake, names, args.print_build_logs)?
+            build_targets(flake, Selection::Named(&names), args.print_build_logs)?.1
         }
     };
     start_targets(args, &targets)
 }
 
-/// Reserves every target's address, then starts them: the background ones first, so that the
+/// Joins every target to the network, then starts them: the background ones first, so that the
 /// one on this terminal (the first, unless `-d`) starts among running peers. Returns in the
 /// parent once all run, or in a VM's own process once its VM has ended.
 pub fn start_targets(args: &BootArgs, targets: &Targets) -> Result<Outcome, CliError> {
@@ -77,18 +77,36 @@ pub fn start_targets(args: &BootArgs, targets: &Targets) -> Result<Outcome, CliE
         name: args.net.clone(),
         subnet: args.subnet,
     };
+    // Every VM on the network before any starts: one turn of the network's lock for all, and
+    // each guest finds all the others in its hosts table.
     let names: Vec<String> = targets.runners.iter().map(|(n, _)| n.clone()).collect();
-    Network::reserve(&network, &runtime_dir, &state_dir, &names)?;
+    let (joined_network, memberships) = Network::join_all(
+        &network,
+        &runtime_dir,
+        &state_dir,
+        &names,
+        std::process::id(),
+    )?;
+    let mut joined = memberships
+        .into_iter()
+        .map(|membership| Some((joined_network.clone(), membership)))
+        .collect::<Vec<_>>();
 
     let flake = targets.flake.as_ref().map(FlakeRef::as_str);
     let (attached, background) = match args.detach {
         true => (None, &targets.runners[..]),
         false => (Some(&targets.runners[0]), &targets.runners[1..]),
     };
+    let attached_joined = match attached {
+        Some(_) => joined.first_mut().and_then(Option::take),
+        None => None,
+    };
+    let background_joined = &mut joined[usize::from(attached.is_some())..];
     // Forked all at once, so that they set up side by side; then waited for in order.
     let mut starting = Vec::new();
-    for (name, runner) in background {
-        match launch(args, name, runner, &network, true, flake)?.start()? {
+    for ((name, runner), membership) in background.iter().zip(background_joined) {
+        let launch = launch(args, name, runner, &network, membership.take(), true, flake)?;
+        match launch.start()? {
             Launched::InBackground(vm) => starting.push((name, vm)),
             // This is the background process; its VM has ended.
             Launched::Ended(outcome) => return Ok(outcome),
@@ -109,7 +127,7 @@ pub fn start_targets(args: &BootArgs, targets: &Targets) -> Result<Outcome, CliE
     }
     match attached {
         Some((name, runner)) => {
-            match launch(args, name, runner, &network, false, flake)?.start()? {
+            match launch(args, name, runner, &network, attached_joined, false, flake)?.start()? {
                 Launched::Ended(outcome) => Ok(outcome),
                 Launched::InBackground(vm) => Ok(Outcome::Done(vm.wait() == Started::Running)),
             }
@@ -137,29 +155,31 @@ fn runner_target(dir: &Path, name: Option<&str>) -> Result<Targets, CliError> {
     })
 }
 
-/// Builds the runners of `names` in `flake` with nix.
+/// Builds the runners `selection` names in `flake` with nix; also returns every configuration
+/// name the flake has.
 pub fn build_targets(
     flake: FlakeRef,
-    names: Vec<String>,
+    selection: Selection<'_>,
     print_build_logs: bool,
-) -> Result<Targets, CliError> {
+) -> Result<(Vec<String>, Targets), CliError> {
     let build_logs = print_build_logs || log::max_level() >= log::LevelFilter::Info;
-    let nix = Nix::detect(match build_logs {
+    let nix = Nix::new(match build_logs {
         true => NixLog::BuildLogs,
         false => NixLog::Progress,
-    })?;
+    });
     let (_, state_dir) = host::state_dirs();
     let module = crate::nix::guest_module(&state_dir)?;
-    let dirs = nix.build_runners(&flake, &names, &module)?;
-    let runners = names
+    let built = nix.build_runners(&flake, selection, &module)?;
+    let runners = built
+        .runners
         .into_iter()
-        .zip(dirs)
         .map(|(name, dir)| Ok((name, Runner::load(&dir)?)))
         .collect::<Result<_, CliError>>()?;
-    Ok(Targets {
+    let targets = Targets {
         flake: Some(flake),
         runners,
-    })
+    };
+    Ok((built.configurations, targets))
 }
 
 /// `--flake REF` and `NAME...`, where a name may be `REF#NAME` (all from one flake). Duplicate
@@ -192,6 +212,7 @@ fn launch(
     name: &str,
     runner: &Runner,
     network: &NetworkConfig,
+    joined: Option<(Network, Membership)>,
     detach: bool,
     flake: Option<&str>,
 ) -> Result<Launch, CliError> {
@@ -236,6 +257,7 @@ fn launch(
         network: Some(NetworkRequest {
             config: network.clone(),
             forwards,
+            joined,
         }),
         cmdline_network: runner.cmdline_network,
         system_disks: Some(SystemDisks {
@@ -436,7 +458,7 @@ struct ListedConfiguration {
 /// `nvmm list`.
 pub fn list(args: &ListArgs) -> Result<Outcome, CliError> {
     let flake = FlakeRef::resolve(&args.flake)?;
-    let names = Nix::detect(NixLog::Progress)?.configurations(&flake)?;
+    let names = Nix::new(NixLog::Progress).configurations(&flake)?;
     let (runtime_dir, _) = host::state_dirs();
     let listed: Vec<ListedConfiguration> = names
         .into_iter()

@@ -13,7 +13,7 @@ use crate::boot::{self, start_targets};
 use crate::control::{self, Request};
 use crate::exit::{CliError, Outcome};
 use crate::net::host;
-use crate::nix::{FlakeRef, Nix, NixLog};
+use crate::nix::{FlakeRef, Selection};
 use crate::state::{self, Liveness, VmDir, VmRecord};
 
 /// After a forced stop, how long the VM's nvmm gets to exit before it is killed.
@@ -24,43 +24,82 @@ const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// `nvmm up`.
 pub fn up(args: &UpArgs) -> Result<Outcome, CliError> {
     let flake = FlakeRef::resolve(&args.flake)?;
-    let names = match args.names.is_empty() {
-        true => Nix::detect(NixLog::Progress)?.configurations(&flake)?,
-        false => args.names.clone(),
-    };
-    if names.is_empty() {
-        return Err(crate::nix::NixError::NoConfigurations {
-            flake: flake.to_string(),
-        }
-        .into());
-    }
     let (runtime_dir, _) = host::state_dirs();
-    let (running, to_boot): (Vec<String>, Vec<String>) = names
+    state::reap_dead(&runtime_dir);
+    let is_running = |name: &String| VmDir::new(&runtime_dir, name).running_pid().is_some();
+    let boot_args = |names: Vec<String>| BootArgs {
+        names,
+        flake: flake.to_string(),
+        runner: None,
+        name: None,
+        detach: true,
+        keep: args.keep,
+        mem: None,
+        cpus: None,
+        forward: Vec::new(),
+        net: args.net.clone(),
+        subnet: args.subnet,
+        print_build_logs: args.print_build_logs,
+        no_seccomp: args.no_seccomp,
+    };
+    // Without names, one nix evaluation both lists the flake's configurations and evaluates
+    // the ones that do not run yet.
+    let (names, targets) = match args.names.is_empty() {
+        true => {
+            let running: Vec<String> = state::vm_dirs(&runtime_dir)
+                .into_iter()
+                .map(|dir| dir.name())
+                .filter(is_running)
+                .collect();
+            let (names, targets) = boot::build_targets(
+                flake.clone(),
+                Selection::AllBut(&running),
+                args.print_build_logs,
+            )?;
+            if names.is_empty() {
+                return Err(crate::nix::NixError::NoConfigurations {
+                    flake: flake.to_string(),
+                }
+                .into());
+            }
+            (names, Some(targets))
+        }
+        false => {
+            let to_boot: Vec<String> = args
+                .names
+                .iter()
+                .filter(|n| !is_running(n))
+                .cloned()
+                .collect();
+            let targets = match to_boot.is_empty() {
+                true => None,
+                false => Some(
+                    boot::build_targets(
+                        flake.clone(),
+                        Selection::Named(&to_boot),
+                        args.print_build_logs,
+                    )?
+                    .1,
+                ),
+            };
+            (args.names.clone(), targets)
+        }
+    };
+    let to_boot: Vec<String> = targets
         .iter()
+        .flat_map(|t| t.runners.iter().map(|(name, _)| name.clone()))
+        .collect();
+    let running: Vec<String> = names
+        .iter()
+        .filter(|n| !to_boot.contains(n))
         .cloned()
-        .partition(|name| VmDir::new(&runtime_dir, name).running_pid().is_some());
+        .collect();
     for name in &running {
         eprintln!("nvmm: {name} already runs");
     }
     let mut all_started = true;
-    if !to_boot.is_empty() {
-        let boot_args = BootArgs {
-            names: to_boot.clone(),
-            flake: flake.to_string(),
-            runner: None,
-            name: None,
-            detach: true,
-            keep: args.keep,
-            mem: None,
-            cpus: None,
-            forward: Vec::new(),
-            net: args.net.clone(),
-            subnet: args.subnet,
-            print_build_logs: args.print_build_logs,
-            no_seccomp: args.no_seccomp,
-        };
-        let targets = boot::build_targets(flake, to_boot, args.print_build_logs)?;
-        match start_targets(&boot_args, &targets)? {
+    if let Some(targets) = targets.filter(|t| !t.runners.is_empty()) {
+        match start_targets(&boot_args(to_boot), &targets)? {
             // A VM's own process, after its VM ended.
             outcome @ Outcome::Vm(_) => return Ok(outcome),
             // Some did not start (each said why): the table shows which run.
@@ -395,6 +434,7 @@ fn shell_quote(word: &str) -> String {
 }
 
 /// A plain text table: columns padded to their widest cell.
+#[derive(Debug)]
 pub struct Table {
     rows: Vec<Vec<String>>,
 }

@@ -267,74 +267,71 @@ pub enum NixLog {
     BuildLogs,
 }
 
-/// The installed nix.
+/// The installed nix. Making one starts nothing: the first nix call finds out whether nix is
+/// there, and its version comes with the first evaluation (each nix process costs ~20 ms).
 #[derive(Debug)]
 pub struct Nix {
-    /// `nix --version`, running beside the first evaluation (a nix process costs ~20 ms to
-    /// start, and the version is only needed once the build starts), then its answer.
-    version: std::sync::Mutex<VersionProbe>,
     log: NixLog,
 }
 
+/// Which configurations [`Nix::build_runners`] evaluates and builds.
+#[derive(Debug, Clone, Copy)]
+pub enum Selection<'a> {
+    /// These names, in this order; one the flake lacks is an error.
+    Named(&'a [String]),
+    /// Every configuration of the flake but these (the ones already running): one nix call
+    /// both lists the flake's configurations and evaluates them.
+    AllBut(&'a [String]),
+}
+
+/// What [`Nix::build_runners`] evaluated and built.
 #[derive(Debug)]
-enum VersionProbe {
-    Running(std::process::Child),
-    Known((u32, u32)),
+pub struct Built {
+    /// Every configuration the flake has.
+    pub configurations: Vec<String>,
+    /// The selected configurations' runner directories, in order.
+    pub runners: Vec<(String, PathBuf)>,
+}
+
+/// What the evaluation expression returns.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Evaluated {
+    nix_version: String,
+    configurations: Vec<String>,
+    runners: Vec<EvaluatedRunner>,
+}
+
+#[derive(Debug, Deserialize)]
+struct EvaluatedRunner {
+    name: String,
+    drv: String,
 }
 
 impl Nix {
-    /// Finds nix; [`Nix::version`] checks later that it can do flakes.
-    pub fn detect(log: NixLog) -> Result<Nix, NixError> {
-        let probe = Command::new("nix")
-            .arg("--version")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|source| match source.kind() {
-                io::ErrorKind::NotFound => NixError::NotInstalled,
-                _ => NixError::Spawn {
-                    program: "nix".into(),
-                    source,
-                },
-            })?;
-        Ok(Nix {
-            version: std::sync::Mutex::new(VersionProbe::Running(probe)),
-            log,
-        })
+    /// nix, with `log` deciding how much of its output the user sees.
+    pub fn new(log: NixLog) -> Nix {
+        Nix { log }
     }
 
-    /// `(major, minor)`; an error if nix is too old for flakes.
-    fn version(&self) -> Result<(u32, u32), NixError> {
-        let mut probe = self
-            .version
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let child = match &mut *probe {
-            VersionProbe::Known(version) => return Ok(*version),
-            VersionProbe::Running(child) => child,
+    /// After a failed nix call: [`NixError::TooOld`] if nix predates flakes (its error then
+    /// says less than this), else nothing, and the caller reports nix's own error.
+    fn refuse_old_nix(&self) -> Result<(), NixError> {
+        let Ok(output) = Command::new("nix")
+            .arg("--version")
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+        else {
+            return Ok(());
         };
-        let mut text = String::new();
-        if let Some(mut stdout) = child.stdout.take() {
-            stdout
-                .read_to_string(&mut text)
-                .map_err(|source| NixError::Spawn {
-                    program: "nix --version".into(),
-                    source,
-                })?;
-        }
-        let _ = child.wait();
-        let version = parse_version(&text).ok_or_else(|| NixError::UnexpectedOutput {
-            program: "nix --version".into(),
-            detail: text.trim().to_owned(),
-        })?;
-        if version < (2, 4) {
-            return Err(NixError::TooOld {
+        let text = String::from_utf8_lossy(&output.stdout);
+        match parse_version(&text) {
+            Some(version) if version < (2, 4) => Err(NixError::TooOld {
                 version: text.trim().to_owned(),
-            });
+            }),
+            _ => Ok(()),
         }
-        *probe = VersionProbe::Known(version);
-        Ok(version)
     }
 
     /// The names in `flake`'s `nixosConfigurations`.
@@ -349,7 +346,7 @@ impl Nix {
         let stdout = match stdout {
             Ok(stdout) => stdout,
             Err(message) => {
-                self.version()?;
+                self.refuse_old_nix()?;
                 return Err(NixError::Evaluation {
                     what: format!("flake {flake}"),
                     message,
@@ -366,32 +363,44 @@ impl Nix {
         })
     }
 
-    /// Evaluates and builds the runner directory of each configuration in `names`, with the
-    /// guest module at `module` injected; returns the runner paths in the order of `names`.
+    /// Evaluates and builds the runner directory of each configuration `selection` names,
+    /// with the guest module at `module` injected: one `nix eval`, then one `nix build` (none
+    /// when nothing is selected).
     pub fn build_runners(
         &self,
         flake: &FlakeRef,
-        names: &[String],
+        selection: Selection<'_>,
         module: &Path,
-    ) -> Result<Vec<PathBuf>, NixError> {
-        let what = names.join(", ");
-        eprintln!("nvmm: evaluating {what} (flake {flake})");
-        let expr = runner_expression(flake, names, module);
+    ) -> Result<Built, NixError> {
+        let asked = match selection {
+            Selection::Named(names) => names.join(", "),
+            Selection::AllBut(_) => "the configurations".into(),
+        };
+        eprintln!("nvmm: evaluating {asked} (flake {flake})");
+        let expr = runner_expression(flake, selection, module);
         let stdout = self.run_nix("nix eval", &["eval", "--json", "--impure", "--expr", &expr])?;
         let stdout = match stdout {
             Ok(stdout) => stdout,
             Err(message) => {
                 // A nix too old for flakes fails here too: say that rather than what it said.
-                self.version()?;
-                return Err(self.evaluation_error(flake, &what, message));
+                self.refuse_old_nix()?;
+                return Err(self.evaluation_error(flake, &asked, message));
             }
         };
-        let derivations: Vec<String> =
+        let evaluated: Evaluated =
             serde_json::from_str(&stdout).map_err(|e| NixError::UnexpectedOutput {
                 program: "nix eval".into(),
                 detail: e.to_string(),
             })?;
+        if evaluated.runners.is_empty() {
+            return Ok(Built {
+                configurations: evaluated.configurations,
+                runners: Vec::new(),
+            });
+        }
 
+        let names: Vec<String> = evaluated.runners.iter().map(|r| r.name.clone()).collect();
+        let what = names.join(", ");
         eprintln!("nvmm: building {what}");
         let mut args = vec!["build", "--no-link", "--json"];
         if self.log == NixLog::BuildLogs {
@@ -399,15 +408,17 @@ impl Nix {
         }
         // Nix 2.13 made `DRV^*` the way to name a derivation's outputs; older ones read a
         // plain .drv path that way.
-        let version = self.version()?;
+        let version =
+            parse_version(&evaluated.nix_version).ok_or_else(|| NixError::UnexpectedOutput {
+                program: "nix eval".into(),
+                detail: format!("builtins.nixVersion is {:?}", evaluated.nix_version),
+            })?;
+        let derivations: Vec<String> = evaluated.runners.into_iter().map(|r| r.drv).collect();
         let installables: Vec<String> = derivations
             .iter()
-            .map(|drv| {
-                if version >= (2, 13) {
-                    format!("{drv}^*")
-                } else {
-                    drv.clone()
-                }
+            .map(|drv| match version >= (2, 13) {
+                true => format!("{drv}^*"),
+                false => drv.clone(),
             })
             .collect();
         args.extend(installables.iter().map(String::as_str));
@@ -417,7 +428,11 @@ impl Nix {
             derivation: failed_derivation(&message),
             message,
         })?;
-        runners_in_order(&stdout, &derivations)
+        let dirs = runners_in_order(&stdout, &derivations)?;
+        Ok(Built {
+            configurations: evaluated.configurations,
+            runners: names.into_iter().zip(dirs).collect(),
+        })
     }
 
     fn evaluation_error(&self, flake: &FlakeRef, what: &str, message: String) -> NixError {
@@ -642,19 +657,30 @@ fn runners_in_order(stdout: &str, derivations: &[String]) -> Result<Vec<PathBuf>
         .collect()
 }
 
-/// The `nix eval` expression: the runner derivation of each name, as a list in `names`' order.
-/// A configuration that already imports the guest module (by hand) is used as it is; the
-/// others get it through `extendModules`.
-fn runner_expression(flake: &FlakeRef, names: &[String], module: &Path) -> String {
-    let names_list: Vec<String> = names.iter().map(|name| nix_string(name)).collect();
+/// The `nix eval` expression: nix's version, the flake's configuration names, and the
+/// runner derivation of each selected name, in order. A configuration that already imports
+/// the guest module (by hand) is used as it is; the others get it through `extendModules`.
+fn runner_expression(flake: &FlakeRef, selection: Selection<'_>, module: &Path) -> String {
+    let list = |names: &[String]| {
+        let quoted: Vec<String> = names.iter().map(|name| nix_string(name)).collect();
+        format!("[ {} ]", quoted.join(" "))
+    };
+    let selected = match selection {
+        Selection::Named(names) => list(names),
+        Selection::AllBut(running) => format!(
+            "builtins.filter (name: ! builtins.elem name {}) names",
+            list(running)
+        ),
+    };
     format!(
         r#"let
   flake = builtins.getFlake {flake};
   module = /. + {module};
   configurations = flake.nixosConfigurations or (throw "{NO_CONFIGURATIONS}");
+  names = builtins.attrNames configurations;
   runner = name:
     if ! configurations ? ${{name}} then
-      throw "{NO_SUCH_CONFIGURATION} ${{builtins.toJSON name}} ${{builtins.toJSON (builtins.attrNames configurations)}}"
+      throw "{NO_SUCH_CONFIGURATION} ${{builtins.toJSON name}} ${{builtins.toJSON names}}"
     else
       let
         system = configurations.${{name}};
@@ -662,10 +688,13 @@ fn runner_expression(flake: &FlakeRef, names: &[String], module: &Path) -> Strin
           if system ? options && system.options ? nvmm then system
           else system.extendModules {{ modules = [ module ]; }};
       in withModule.config.system.build.nvmm.drvPath;
-in map runner [ {names} ]"#,
+in {{
+  nixVersion = builtins.nixVersion;
+  configurations = names;
+  runners = map (name: {{ inherit name; drv = runner name; }}) ({selected});
+}}"#,
         flake = nix_string(flake.as_str()),
         module = nix_string(&module.to_string_lossy()),
-        names = names_list.join(" "),
     )
 }
 
@@ -688,7 +717,7 @@ fn nix_string(text: &str) -> String {
     out
 }
 
-/// `nix (Nix) 2.8.0` → (2, 8).
+/// `nix (Nix) 2.8.0` (or `builtins.nixVersion`'s `2.8.0`) → (2, 8).
 fn parse_version(text: &str) -> Option<(u32, u32)> {
     let version = text.split_whitespace().last()?;
     let mut parts = version.split(['.', 'p', 'r', '-']);
@@ -756,6 +785,7 @@ mod tests {
         assert_eq!(parse_version("nix (Nix) 2.8.0\n"), Some((2, 8)));
         assert_eq!(parse_version("nix (Nix) 2.24.10"), Some((2, 24)));
         assert_eq!(parse_version("nix (Nix) 2.3pre2020"), Some((2, 3)));
+        assert_eq!(parse_version("2.8.0"), Some((2, 8)));
         assert_eq!(parse_version("garbage"), None);
     }
 

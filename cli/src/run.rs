@@ -28,6 +28,7 @@ pub fn run(args: &RunArgs) -> Result<Outcome, CliError> {
         config: args.vm_config(),
         detach: args.detach,
         network: args.net.as_ref().map(|network| NetworkRequest {
+            joined: None,
             config: NetworkConfig {
                 name: network.clone(),
                 subnet: args.subnet,
@@ -76,12 +77,15 @@ pub struct Launch {
 }
 
 /// A network to join and the ports to forward into the VM.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct NetworkRequest {
     /// Which network.
     pub config: NetworkConfig,
     /// Ports beyond ssh.
     pub forwards: Vec<ForwardSpec>,
+    /// The VM's place in it, when the process starting several VMs joined them all at once
+    /// ([`Network::join_all`]); the VM's own process adopts it.
+    pub joined: Option<(Network, Membership)>,
 }
 
 /// What [`Launch::start`] returns in the process that called it.
@@ -118,7 +122,13 @@ impl Launch {
         if detach {
             // Before anything starts a thread: the daemon is forked here.
             match background::daemonize(&vm_dir, &name)? {
-                Daemon::Parent(starting) => return Ok(Launched::InBackground(starting)),
+                Daemon::Parent(starting) => {
+                    // The VM's process has the membership now (forked with it).
+                    if let Some((_, membership)) = network.and_then(|n| n.joined) {
+                        membership.hand_over();
+                    }
+                    return Ok(Launched::InBackground(starting));
+                }
                 Daemon::Child(ready) => {
                     config.console.backend = vm_dir.console_backend();
                     config.console.stdin = false;
@@ -139,7 +149,7 @@ impl Launch {
             false => None,
         };
         // On an error below, dropping it still stops forwarding and removes the tap.
-        let network = match &network {
+        let network = match network {
             Some(request) => Some(join_network(&name, request, cmdline_network, &mut config)?),
             None => None,
         };
@@ -260,22 +270,31 @@ impl VmNetwork {
     }
 }
 
-/// Joins the requested network, adds the tap to `config`, tells the guest its address, name
-/// and peers on the command line (`cmdline_network`), and starts the port forwarders.
+/// Joins the requested network (or adopts the place joined for it), adds the tap to `config`,
+/// tells the guest its address, name and peers on the command line (`cmdline_network`), and
+/// starts the port forwarders.
 fn join_network(
     vm_name: &str,
-    request: &NetworkRequest,
+    request: NetworkRequest,
     cmdline_network: bool,
     config: &mut nvmm_vmm::VmConfig,
 ) -> Result<VmNetwork, CliError> {
-    let (runtime_dir, state_dir) = host::state_dirs();
-    let (network, membership) = Network::join(
-        &request.config,
-        &runtime_dir,
-        &state_dir,
-        vm_name,
-        std::process::id(),
-    )?;
+    let (network, membership) = match request.joined {
+        Some((network, mut membership)) => {
+            membership.adopt()?;
+            (network, membership)
+        }
+        None => {
+            let (runtime_dir, state_dir) = host::state_dirs();
+            Network::join(
+                &request.config,
+                &runtime_dir,
+                &state_dir,
+                vm_name,
+                std::process::id(),
+            )?
+        }
+    };
     config.nets.push(nvmm_vmm::NetConfig {
         tap: membership.tap.clone(),
         mac: membership.mac,

@@ -247,7 +247,8 @@ pub struct Network {
 }
 
 /// One VM's place in a network: its tap and what its guest should configure. Dropping it (or
-/// [`Membership::leave`]) removes the tap, and the bridge if no VM is left.
+/// [`Membership::leave`]) in the process that owns it (the one that joined, or the one that
+/// adopted it) removes the tap, and the bridge if no VM is left.
 #[derive(Debug)]
 pub struct Membership {
     /// The VM's name.
@@ -268,6 +269,8 @@ pub struct Membership {
     paths: NetworkPaths,
     network: String,
     left: bool,
+    /// The process that leaves the network on drop: a forked process's copy is not its own.
+    owner: u32,
 }
 
 /// The default subnets tried, in order, when a network has none yet (`NetError::NoFreeSubnet`
@@ -326,47 +329,76 @@ impl Network {
         vm_name: &str,
         pid: u32,
     ) -> Result<(Network, Membership), NetError> {
-        check_names(&config.name, vm_name)?;
+        let names = [vm_name.to_owned()];
+        let (network, memberships) =
+            Network::join_all(config, runtime_dir, state_dir, &names, pid)?;
+        let membership = memberships
+            .into_iter()
+            .next()
+            .ok_or(NetError::NoSuchProcess { pid })?;
+        Ok((network, membership))
+    }
+
+    /// Puts every VM of `vm_names` on the network at once, for process `pid`: one turn of the
+    /// network's lock, one address book write, every tap made. VMs started together (`nvmm
+    /// up`) are joined by the process that forks them, before it forks: joined one by one in
+    /// their own processes, each would wait its turn for the lock while the others' guests
+    /// already boot beside it. Each VM's own process then takes its membership over
+    /// ([`Membership::adopt`]); until it does, the records name `pid`.
+    pub fn join_all(
+        config: &NetworkConfig,
+        runtime_dir: &Path,
+        state_dir: &Path,
+        vm_names: &[String],
+        pid: u32,
+    ) -> Result<(Network, Vec<Membership>), NetError> {
+        for vm_name in vm_names {
+            check_names(&config.name, vm_name)?;
+        }
         let start_time = process_start_time(pid).ok_or(NetError::NoSuchProcess { pid })?;
         let paths = NetworkPaths::new(runtime_dir, state_dir, &config.name);
         let _lock = lock_network(&paths)?;
         let mut nl = Netlink::open()?;
 
         let live = reap_members(&mut nl, &paths, &config.name)?;
-        if let Some((_, member)) = live.iter().find(|(vm, _)| vm == vm_name) {
+        if let Some((vm, member)) = live.iter().find(|(vm, _)| vm_names.contains(vm)) {
             return Err(NetError::VmAlreadyRunning {
-                vm: vm_name.into(),
+                vm: vm.clone(),
                 network: config.name.clone(),
                 pid: member.pid,
             });
         }
         let bridge = existing_bridge(&mut nl, &config.name, !live.is_empty())?;
         let subnet = choose_subnet(&mut nl, &paths, state_dir, config, bridge.as_ref())?;
-        write_atomically(&paths.subnet_file(), &format!("{subnet}\n"))?;
+        write_atomically(
+            &paths.subnet_file(),
+            &format!("{subnet}\n"),
+            Durability::Flushed,
+        )?;
         ensure_bridge(&mut nl, &config.name, &subnet, bridge.as_ref())?;
 
-        let joined = (|| {
-            let (address, hosts) = assign_address(&paths, &config.name, vm_name, &subnet, &live)?;
-            let tap = tap_name(&config.name, vm_name);
-            // The record before the tap: a process killed from here on leaves a record that
-            // names its tap, and whoever reaps it removes both. A tap made first would be
-            // nobody's until the record was written, and a kill in between left it for good.
-            let member = MemberRecord {
-                pid,
-                start_time,
-                tap: tap.clone(),
-            };
-            write_atomically(&paths.member_file(vm_name), &member.to_text())?;
-            if let Err(e) = create_tap(&mut nl, &tap, &config.name) {
-                let _ = remove_if_present(&paths.member_file(vm_name));
-                return Err(e);
-            }
-            stop_here_for_tests("tap");
-            Ok((address, hosts, tap))
-        })();
-        let (address, hosts, tap) = match joined {
-            Ok(joined) => joined,
+        let mut made = Vec::new();
+        let added = assign_addresses(&paths, &config.name, vm_names, &subnet, &live).and_then(
+            |(addresses, hosts)| {
+                let owner = MemberRecord {
+                    pid,
+                    start_time,
+                    tap: String::new(),
+                };
+                for (vm_name, address) in vm_names.iter().zip(addresses) {
+                    let tap = add_member(&mut nl, &paths, &config.name, vm_name, &owner)?;
+                    made.push((vm_name.clone(), tap, address));
+                }
+                Ok(hosts)
+            },
+        );
+        let hosts = match added {
+            Ok(hosts) => hosts,
             Err(e) => {
+                for (vm_name, tap, _) in &made {
+                    let _ = nl.delete_link(tap);
+                    let _ = remove_if_present(&paths.member_file(vm_name));
+                }
                 if live.is_empty() {
                     // The bridge is ours alone; do not leave it behind.
                     let _ = nl.delete_link(&config.name);
@@ -374,10 +406,6 @@ impl Network {
                 return Err(e);
             }
         };
-        log::info!(
-            "VM {vm_name} joined network {} ({subnet}) as {address} on tap {tap}",
-            config.name
-        );
 
         let network = Network {
             name: config.name.clone(),
@@ -385,50 +413,85 @@ impl Network {
             subnet,
             host_addr: subnet.host_addr(),
         };
-        let membership = Membership {
-            vm_name: vm_name.into(),
-            tap,
-            address,
-            prefix_len: subnet.prefix_len(),
-            gateway: subnet.host_addr(),
-            mac: mac_address(&config.name, vm_name),
-            hosts,
-            paths,
-            network: config.name.clone(),
-            left: false,
-        };
-        Ok((network, membership))
+        let memberships = made
+            .into_iter()
+            .map(|(vm_name, tap, address)| {
+                log::info!(
+                    "VM {vm_name} joined network {} ({subnet}) as {address} on tap {tap}",
+                    config.name
+                );
+                Membership {
+                    mac: mac_address(&config.name, &vm_name),
+                    vm_name,
+                    tap,
+                    address,
+                    prefix_len: subnet.prefix_len(),
+                    gateway: subnet.host_addr(),
+                    hosts: hosts.clone(),
+                    paths: paths.clone(),
+                    network: config.name.clone(),
+                    left: false,
+                    owner: std::process::id(),
+                }
+            })
+            .collect();
+        Ok((network, memberships))
     }
 }
 
-impl Network {
-    /// Gives each of `vm_names` its address before any of them joins, so VMs booted together
-    /// all find each other in [`Membership::hosts`]. Creates no device; a later
-    /// [`Network::join`] of each name finds its address waiting.
-    pub fn reserve(
-        config: &NetworkConfig,
-        runtime_dir: &Path,
-        state_dir: &Path,
-        vm_names: &[String],
-    ) -> Result<(), NetError> {
-        for vm_name in vm_names {
-            check_names(&config.name, vm_name)?;
-        }
-        let paths = NetworkPaths::new(runtime_dir, state_dir, &config.name);
-        let _lock = lock_network(&paths)?;
-        let mut nl = Netlink::open()?;
-        let live = reap_members(&mut nl, &paths, &config.name)?;
-        let bridge = existing_bridge(&mut nl, &config.name, !live.is_empty())?;
-        let subnet = choose_subnet(&mut nl, &paths, state_dir, config, bridge.as_ref())?;
-        write_atomically(&paths.subnet_file(), &format!("{subnet}\n"))?;
-        for vm_name in vm_names {
-            assign_address(&paths, &config.name, vm_name, &subnet, &live)?;
-        }
-        Ok(())
+/// Writes VM `vm_name`'s member record (owned as `owner` says), then makes its tap; returns the
+/// tap's name.
+fn add_member(
+    nl: &mut Netlink,
+    paths: &NetworkPaths,
+    network: &str,
+    vm_name: &str,
+    owner: &MemberRecord,
+) -> Result<String, NetError> {
+    let tap = tap_name(network, vm_name);
+    // The record before the tap: a process killed from here on leaves a record that names its
+    // tap, and whoever reaps it removes both. A tap made first would be nobody's until the
+    // record was written, and a kill in between left it for good.
+    let member = MemberRecord {
+        tap: tap.clone(),
+        ..owner.clone()
+    };
+    let record = paths.member_file(vm_name);
+    write_atomically(&record, &member.to_text(), Durability::Renamed)?;
+    if let Err(e) = create_tap(nl, &tap, network) {
+        let _ = remove_if_present(&record);
+        return Err(e);
     }
+    stop_here_for_tests("tap");
+    Ok(tap)
 }
 
 impl Membership {
+    /// Makes this process (the VM's own, forked with the membership) the VM's owner, in the
+    /// network's records and for the drop. No lock: the record is replaced whole by a rename,
+    /// and its old owner, the process that joined for the VM, waits for the VM to run before
+    /// it exits.
+    pub fn adopt(&mut self) -> Result<(), NetError> {
+        let pid = std::process::id();
+        let start_time = process_start_time(pid).ok_or(NetError::NoSuchProcess { pid })?;
+        self.owner = pid;
+        let member = MemberRecord {
+            pid,
+            start_time,
+            tap: self.tap.clone(),
+        };
+        write_atomically(
+            &self.paths.member_file(&self.vm_name),
+            &member.to_text(),
+            Durability::Renamed,
+        )
+    }
+
+    /// Lets go of the membership without leaving: the VM's own process has it now.
+    pub fn hand_over(mut self) {
+        self.left = true;
+    }
+
     /// Leaves the network: deletes the tap and the member file, then the bridge if no running
     /// VM is left.
     pub fn leave(mut self) -> Result<(), NetError> {
@@ -452,7 +515,7 @@ impl Membership {
 
 impl Drop for Membership {
     fn drop(&mut self) {
-        if self.left {
+        if self.left || self.owner != std::process::id() {
             return;
         }
         self.left = true;
@@ -612,9 +675,25 @@ fn lock_network(paths: &NetworkPaths) -> Result<NetworkLock, NetError> {
 /// What [`write_atomically`] appends to a file's name while it writes it.
 const TMP_SUFFIX: &str = " (new)";
 
+/// How much a state file's write must survive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    /// A power cut: flushed to disk before the rename (the subnet and the address book, kept
+    /// across reboots).
+    Flushed,
+    /// A crash of nvmm: renamed into place unflushed (member records in the runtime
+    /// directory, which a reboot leaves stale anyway and whose pids are then dead).
+    Renamed,
+}
+
 /// Writes `text` to `path` through a temporary file and a rename, so readers (and a crash) see
-/// the old file or the new one, never half of one.
-fn write_atomically(path: &Path, text: &str) -> Result<(), NetError> {
+/// the old file or the new one, never half of one. A file that already holds `text` is left
+/// alone: joins mostly find the subnet and their address saved already, and a flush costs
+/// milliseconds under the network's lock, which every VM starting at once waits for.
+fn write_atomically(path: &Path, text: &str, durability: Durability) -> Result<(), NetError> {
+    if fs::read(path).is_ok_and(|old| old == text.as_bytes()) {
+        return Ok(());
+    }
     if let Some(dir) = path.parent() {
         create_dir(dir)?;
     }
@@ -630,7 +709,9 @@ fn write_atomically(path: &Path, text: &str) -> Result<(), NetError> {
             .mode(0o600)
             .open(&tmp)?;
         file.write_all(text.as_bytes())?;
-        file.sync_all()?;
+        if durability == Durability::Flushed {
+            file.sync_all()?;
+        }
         fs::rename(&tmp, path)
     };
     write().map_err(|source| {
@@ -935,25 +1016,36 @@ fn ensure_bridge(
     Ok(())
 }
 
-/// Gives the VM its address and saves the address book; returns the address and every VM's.
-fn assign_address(
+/// Every VM with an address in a network: name and address.
+type HostsTable = Vec<(String, Ipv4Addr)>;
+
+/// Gives each VM of `vms` its address and saves the address book once; returns their
+/// addresses, in order, and every VM's.
+fn assign_addresses(
     paths: &NetworkPaths,
     network: &str,
-    vm: &str,
+    vms: &[String],
     subnet: &Ipv4Subnet,
     live: &[(String, MemberRecord)],
-) -> Result<(Ipv4Addr, Vec<(String, Ipv4Addr)>), NetError> {
+) -> Result<(Vec<Ipv4Addr>, HostsTable), NetError> {
     let file = paths.addresses_file();
     let mut book = AddressBook::parse(&read_optional(&file)?.unwrap_or_default());
-    let address = book
-        .assign(vm, subnet, |name| live.iter().any(|(n, _)| n == name))
-        .map_err(|source| NetError::AssignAddress {
-            vm: vm.into(),
-            network: network.into(),
-            source,
-        })?;
-    write_atomically(&file, &book.to_text())?;
-    Ok((address, book.hosts()))
+    // The VMs joining now count as running: one must not take another's address.
+    let is_running =
+        |name: &str| live.iter().any(|(n, _)| n == name) || vms.iter().any(|v| v == name);
+    let addresses = vms
+        .iter()
+        .map(|vm| {
+            book.assign(vm, subnet, is_running)
+                .map_err(|source| NetError::AssignAddress {
+                    vm: vm.clone(),
+                    network: network.into(),
+                    source,
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    write_atomically(&file, &book.to_text(), Durability::Flushed)?;
+    Ok((addresses, book.hosts()))
 }
 
 /// `NVMM_TEST_STOP_AT=POINT` (tests only; never set in normal use): the process stops itself
@@ -1320,14 +1412,14 @@ mod tests {
         let dirs = Dirs::new("atomic");
         let file = dirs.state().join("net/nvmm0/subnet");
         assert_eq!(read_optional(&file).unwrap(), None);
-        write_atomically(&file, "10.213.0.0/24\n").unwrap();
-        write_atomically(&file, "10.213.1.0/24\n").unwrap();
+        write_atomically(&file, "10.213.0.0/24\n", Durability::Flushed).unwrap();
+        write_atomically(&file, "10.213.1.0/24\n", Durability::Flushed).unwrap();
         assert_eq!(
             read_saved_subnet(&file).unwrap(),
             Some(subnet("10.213.1.0/24"))
         );
         assert!(!file.with_file_name("subnet (new)").exists());
-        write_atomically(&file, "junk\n").unwrap();
+        write_atomically(&file, "junk\n", Durability::Flushed).unwrap();
         let err = read_saved_subnet(&file).unwrap_err();
         assert!(matches!(err, NetError::SavedSubnet { .. }), "{err}");
     }

@@ -506,3 +506,94 @@ fn icmp_checksum(data: &[u8]) -> u16 {
     }
     !(sum as u16)
 }
+
+/// Forks; the child runs `body` and exits at once (no destructors, no atexit handlers: as a
+/// VM's process that ends without unwinding). Returns once the child is gone.
+fn in_forked_child(body: impl FnOnce()) {
+    // SAFETY: the child runs only `body` (file and netlink calls of this module, no locks
+    // another thread could hold: the test's own thread is the only one that uses them) and
+    // then _exit; the parent only waits for it.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", io::Error::last_os_error());
+    if pid == 0 {
+        body();
+        // SAFETY: ends the child without running the parent's destructors twice.
+        unsafe { libc::_exit(0) };
+    }
+    let mut status = 0;
+    // SAFETY: waits for the child this function forked; status is a local.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+}
+
+#[test]
+fn several_vms_join_at_once_and_their_processes_take_over() {
+    in_netns(
+        "several_vms_join_at_once_and_their_processes_take_over",
+        || {
+            let dirs = Dirs::new("join-all");
+            let names: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+            let (net, mut members) = Network::join_all(
+                &NetworkConfig::default(),
+                &dirs.runtime(),
+                &dirs.state(),
+                &names,
+                std::process::id(),
+            )
+            .unwrap();
+            assert_eq!(net.bridge, "nvmm0");
+            let mut addresses: Vec<_> = members.iter().map(|m| m.address).collect();
+            addresses.dedup();
+            assert_eq!(addresses.len(), 3);
+            for m in &members {
+                assert!(link(&m.tap).is_some(), "{} has its tap", m.vm_name);
+                let hosts: Vec<&str> = m.hosts.iter().map(|(n, _)| n.as_str()).collect();
+                assert_eq!(hosts, ["a", "b", "c"], "each sees all three");
+            }
+
+            // A forked process's copies are not its own: dropping them leaves nothing.
+            in_forked_child(|| drop(std::mem::take(&mut members)));
+            assert!(members.iter().all(|m| link(&m.tap).is_some()));
+
+            // "a"'s process adopts it, then dies without leaving: its record names that
+            // process, so the next join reaps "a" while "b" and "c" (still this process's)
+            // stay.
+            let a = members.remove(0);
+            in_forked_child(|| {
+                let mut a = a;
+                a.adopt().unwrap();
+                std::mem::forget(a);
+            });
+            let (_, d) = dirs.join_default("d");
+            assert_eq!(link("nv-a"), None, "reaped: its adopter is gone");
+            assert!(!dirs.member_file("nvmm0", "a").exists());
+            assert!(link("nv-b").is_some() && link("nv-c").is_some());
+            d.leave().unwrap();
+            drop(members);
+            assert_eq!(link("nvmm0"), None, "the last one out takes the bridge");
+        },
+    );
+}
+
+#[test]
+fn a_failed_join_of_several_undoes_all_of_it() {
+    in_netns("a_failed_join_of_several_undoes_all_of_it", || {
+        let dirs = Dirs::new("join-all-fail");
+        Netlink::open()
+            .unwrap()
+            .create_veth("nv-b", "nv-b-p")
+            .unwrap();
+        let names: Vec<String> = ["a", "b"].map(String::from).to_vec();
+        let err = Network::join_all(
+            &NetworkConfig::default(),
+            &dirs.runtime(),
+            &dirs.state(),
+            &names,
+            std::process::id(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, NetError::TapExists { .. }), "{err}");
+        assert_eq!(link("nv-a"), None, "a's tap is removed again");
+        assert!(!dirs.member_file("nvmm0", "a").exists());
+        assert_eq!(link("nvmm0"), None);
+    });
+}
