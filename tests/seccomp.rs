@@ -2,6 +2,7 @@
 //! `error:` and a `hint:` line naming the thread and the call, exit code 4, and the terminal
 //! restored. `NVMM_TEST_FORBIDDEN_SYSCALL=THREAD` makes that thread call getppid (which no
 //! filter allows) right after installing its filter. Every other test runs with the filters on.
+//! Confining a thread also drops its capabilities: the last test checks what a root nvmm keeps.
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
@@ -167,5 +168,109 @@ fn no_seccomp_runs_without_filters() {
             .contains("--no-seccomp: every thread runs without its seccomp filter"),
         "{}",
         out.stderr
+    );
+}
+
+/// `FIELD:` of each thread of `pid`'s `/proc/PID/task/TID/status`: (thread name, value).
+fn thread_status(pid: u32, field: &str) -> Vec<(String, String)> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        let value = |key: &str| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(key))
+                .map(|v| v.trim().to_owned())
+                .unwrap()
+        };
+        threads.push((value("Name:"), value(field)));
+    }
+    threads
+}
+
+/// The pid of background VM `name`, once its process has confined its main thread (it does
+/// so right after telling `nvmm run -d` that the VM runs).
+fn confined_vm_pid(dirs: &StateDirs, name: &str) -> u32 {
+    let pid: u32 = std::fs::read_to_string(dirs.0.join(format!("run/vms/{name}/pid")))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let deadline = std::time::Instant::now() + HANG_GUARD;
+    while thread_status(pid, "NoNewPrivs:")
+        .iter()
+        .any(|(_, value)| value != "1")
+    {
+        assert!(std::time::Instant::now() < deadline, "never confined");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    pid
+}
+
+#[test]
+fn after_set_up_only_the_main_thread_keeps_cap_net_admin_and_only_on_a_network() {
+    if !kvm_or_skip("capabilities") {
+        return;
+    }
+    // SAFETY: geteuid only reads this process's credentials.
+    if unsafe { libc::geteuid() } != 0 {
+        skip(
+            "capabilities",
+            "needs root (a root nvmm is what drops them)",
+        );
+        return;
+    }
+    let Some(ns) = Netns::new("capabilities") else {
+        return;
+    };
+    let dirs = StateDirs::new("caps");
+    const NET_ADMIN: &str = "0000000000001000";
+    const NONE: &str = "0000000000000000";
+    for (name, network) in [("netted", true), ("alone", false)] {
+        let mut cmd = ns.command(NVMM);
+        cmd.args(["run", "-d", "--name", name, "--kernel", GUEST, "--mem", MEM]);
+        cmd.args(["--cmdline", "nvmm_test=halt"]);
+        if network {
+            cmd.arg("--net");
+        }
+        dirs.apply(&mut cmd);
+        let out = run(cmd);
+        assert_eq!(out.code(), Some(0), "{out:?}");
+        let pid = confined_vm_pid(&dirs, name);
+        let kept = if network { NET_ADMIN } else { NONE };
+        for field in ["CapEff:", "CapPrm:", "CapBnd:"] {
+            // KVM's own worker (kvm-nx-lpage-recovery) shows up as a thread of the process
+            // but runs kernel code only; where it is made with the VM, it has the set-up's
+            // capabilities.
+            let threads = thread_status(pid, field).into_iter();
+            for (thread, value) in threads.filter(|(thread, _)| !thread.starts_with("kvm-")) {
+                let expected = if thread == "nvmm" { kept } else { NONE };
+                assert_eq!(value, expected, "{name}: {thread} {field}");
+            }
+        }
+        for field in ["CapInh:", "CapAmb:"] {
+            assert!(
+                thread_status(pid, field).iter().all(|(_, v)| v == NONE),
+                "{name}: {field}"
+            );
+        }
+    }
+    assert!(
+        ns.links().iter().any(|l| l == "nv-netted"),
+        "{:?}",
+        ns.links()
+    );
+    // What stayed is enough to leave the network: the tap and the bridge go with the VM.
+    for name in ["netted", "alone"] {
+        let mut cmd = ns.command(NVMM);
+        cmd.args(["stop", "--force", name]);
+        dirs.apply(&mut cmd);
+        let out = run(cmd);
+        assert_eq!(out.code(), Some(0), "{out:?}");
+    }
+    let links = ns.links();
+    assert!(
+        !links.iter().any(|l| l == "nv-netted" || l == "nvmm0"),
+        "{links:?}"
     );
 }

@@ -69,8 +69,9 @@ pub struct Controls {
     pub started: Instant,
 }
 
-/// Serves `path` on a thread of its own until the process ends. With `sandboxed`, the thread
-/// installs its seccomp filter ([`crate::sandbox::control_thread`]) before it answers anything.
+/// Serves `path` on a thread of its own until the process ends. The thread drops its
+/// capabilities and, with `sandboxed`, installs its seccomp filter
+/// ([`crate::sandbox::control_thread`]) before it answers anything.
 pub fn serve(path: &Path, controls: Controls, sandboxed: bool) -> io::Result<()> {
     // A socket file left by a dead VM of this name; the VM lock says this process owns the name.
     let _ = std::fs::remove_file(path);
@@ -87,11 +88,9 @@ pub fn serve(path: &Path, controls: Controls, sandboxed: bool) -> io::Result<()>
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
-            if let Some(filter) = filter {
-                if let Err(err) = nvmm_vmm::seccomp::install(&filter) {
-                    let _ = installed.send(Err(err));
-                    return;
-                }
+            if let Err(err) = nvmm_vmm::seccomp::confine("control", filter.as_ref(), &[]) {
+                let _ = installed.send(Err(err));
+                return;
             }
             let _ = installed.send(Ok(()));
             for stream in listener.incoming() {

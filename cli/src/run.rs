@@ -196,7 +196,7 @@ impl Launch {
                 source,
             })?;
         }
-        let exit = serve(vm, background.as_mut(), sandboxed)?;
+        let exit = serve(vm, background.as_mut(), sandboxed, network.is_some())?;
         if let Some(network) = network {
             network.leave();
         }
@@ -205,26 +205,24 @@ impl Launch {
     }
 }
 
-/// Runs the booted VM until it ends: in the background, or on this terminal. With `sandboxed`,
-/// this thread installs its seccomp filter once its set-up is done, before the event loop.
+/// Runs the booted VM until it ends: in the background, or on this terminal. Once its set-up is
+/// done, before the event loop, this thread drops its capabilities (but `CAP_NET_ADMIN` when
+/// `on_network`) and, with `sandboxed`, installs its seccomp filter.
 fn serve(
     vm: nvmm_vmm::Vm,
     background: Option<&mut ReadyPipe>,
     sandboxed: bool,
+    on_network: bool,
 ) -> Result<nvmm_vmm::VmExit, CliError> {
     terminal::stop_on_signals(vm.stop_handle()).map_err(CliError::Signals)?;
     if let Some(ready) = background {
         ready.ready();
-        if sandboxed {
-            sandbox::sandbox_main_thread()?;
-        }
+        sandbox::confine_main_thread(sandboxed, on_network)?;
         return Ok(vm.run_until_exit()?);
     }
     terminal::follow_window_size(vm.resize_handle()).map_err(CliError::Signals)?;
     let _raw = RawTerminal::enter().map_err(CliError::Terminal)?;
-    if sandboxed {
-        sandbox::sandbox_main_thread()?;
-    }
+    sandbox::confine_main_thread(sandboxed, on_network)?;
     // Lets tests prove the panic path restores the terminal (under the main thread's filter);
     // never set in normal use.
     if std::env::var_os("NVMM_TEST_PANIC_AFTER_BOOT").is_some() {

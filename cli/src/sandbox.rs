@@ -125,9 +125,19 @@ pub fn forwarder() -> Allowlist {
     list
 }
 
-/// Installs the main thread's filter.
-pub fn sandbox_main_thread() -> Result<(), SeccompError> {
-    seccomp::install(&main_thread().compile("main")?)
+/// Confines the main thread once the VM is set up: drops its capabilities but `CAP_NET_ADMIN`
+/// when `on_network` (leaving the network deletes the VM's tap, and the last VM's bridge), then
+/// installs its filter when `sandboxed`.
+pub fn confine_main_thread(sandboxed: bool, on_network: bool) -> Result<(), SeccompError> {
+    let filter = match sandboxed {
+        true => Some(main_thread().compile("main")?),
+        false => None,
+    };
+    let keep: &[u32] = match on_network {
+        true => &[nvmm_vmm::privileges::CAP_NET_ADMIN],
+        false => &[],
+    };
+    seccomp::confine("main", filter.as_ref(), keep)
 }
 
 /// The layout of `siginfo_t` for SIGSYS on x86_64 (`_sigsys` in the kernel's union).

@@ -15,6 +15,7 @@ pub mod cpuid;
 pub mod device_manager;
 pub mod kvm;
 pub mod layout;
+pub mod privileges;
 pub mod seccomp;
 pub mod vcpu;
 
@@ -672,7 +673,8 @@ impl Drop for Vm {
     }
 }
 
-/// Starts vCPU `index` on a thread of its own, which installs `filter` before its first KVM_RUN.
+/// Starts vCPU `index` on a thread of its own, which drops its capabilities and installs
+/// `filter` before its first KVM_RUN.
 fn spawn_vcpu(
     mut vcpu: Vcpu,
     index: u8,
@@ -684,7 +686,7 @@ fn spawn_vcpu(
     std::thread::Builder::new()
         .name(format!("vcpu{index}"))
         .spawn(move || {
-            let installed = filter.as_ref().map_or(Ok(()), seccomp::install);
+            let installed = seccomp::confine(&format!("vcpu{index}"), filter.as_ref(), &[]);
             let outcome = match installed {
                 Ok(()) => vcpu.run(&stop),
                 Err(source) => VcpuOutcome::Error(VcpuError::Seccomp {

@@ -56,6 +56,15 @@ pub enum SeccompError {
         #[source]
         source: seccompiler::Error,
     },
+    /// The thread could not drop its capabilities.
+    #[error("cannot drop the capabilities of thread {thread}")]
+    Privileges {
+        /// The thread's label.
+        thread: String,
+        /// Why.
+        #[source]
+        source: crate::privileges::PrivilegeError,
+    },
 }
 
 /// A compiled filter, ready for [`install`]: the allowlist's program, after one program per
@@ -312,6 +321,17 @@ thread_local! {
     // Const-initialised and without a destructor: reading it is a plain TLS load, safe in a
     // signal handler.
     static LABEL: Cell<[u8; LABEL_LEN]> = const { Cell::new([0; LABEL_LEN]) };
+}
+
+/// Confines the calling thread once its set-up is done: drops every capability but `keep`
+/// ([`crate::privileges::drop_capabilities`]; always, `--no-seccomp` or not), then installs
+/// `filter`, if any. `thread` names it in an error.
+pub fn confine(thread: &str, filter: Option<&Filter>, keep: &[u32]) -> Result<(), SeccompError> {
+    crate::privileges::drop_capabilities(keep).map_err(|source| SeccompError::Privileges {
+        thread: thread.to_owned(),
+        source,
+    })?;
+    filter.map_or(Ok(()), install)
 }
 
 /// Installs `filter` on the calling thread, for the rest of its life (and of the threads it

@@ -328,14 +328,13 @@ impl Forwarder {
             false => None,
         };
         let (installed, filter_installed) = mpsc::sync_channel(1);
+        let label = name.clone();
         let handle = thread::Builder::new()
             .name(name)
             .spawn(move || {
-                if let Some(filter) = filter {
-                    if let Err(err) = seccomp::install(&filter) {
-                        let _ = installed.send(Err(err));
-                        return;
-                    }
+                if let Err(err) = seccomp::confine(&label, filter.as_ref(), &[]) {
+                    let _ = installed.send(Err(err));
+                    return;
                 }
                 let _ = installed.send(Ok(()));
                 acceptor.run();
