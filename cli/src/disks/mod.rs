@@ -19,7 +19,7 @@ use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-pub use overlay::{DEFAULT_OVERLAY_SIZE, OverlayDisk};
+pub use overlay::{DEFAULT_OVERLAY_SIZE, KeptDiskWarning, OverlayDisk};
 pub use seed::SeedDisk;
 
 /// Disk images are sized in whole 4 KiB blocks: a block device's size must be a multiple of
@@ -252,6 +252,7 @@ pub mod test_util {
     use std::sync::atomic::{AtomicU64, Ordering};
 
     /// A directory under the system temp dir, unique per test, removed on drop.
+    #[derive(Debug)]
     pub struct TempDir(PathBuf);
 
     impl TempDir {
