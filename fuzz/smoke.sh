@@ -4,12 +4,12 @@
 # temporary directory). Fails on a crash, a timeout (5 s per input) or more than 2 GiB of memory;
 # the input that did it is left in fuzz/artifacts/TARGET/. Long campaigns: see fuzz/README.md.
 #
-# Usage: fuzz/smoke.sh [SECONDS_PER_TARGET]   (default 10: five targets, 50 s of fuzzing)
+# Usage: fuzz/smoke.sh [SECONDS_PER_TARGET]   (default 10: seven targets, 70 s of fuzzing)
 set -euo pipefail
 cd "$(dirname "$0")"
 
 seconds=${1:-10}
-targets=(mmio blk net console boot_writers)
+targets=(mmio blk net console boot_writers runner_json seed_roundtrip)
 
 if ! cargo +nightly --version >/dev/null 2>&1; then
     echo "error: the nightly toolchain is missing (cargo fuzz needs it)" >&2

@@ -177,12 +177,16 @@ impl Runner {
             path: path.clone(),
             source,
         })?;
-        Self::parse(dir, &path, &text)
+        Self::parse(dir, &text)
     }
 
-    fn parse(dir: &Path, path: &Path, text: &str) -> Result<Runner, RunnerError> {
+    /// Checks `text`, the contents of `dir/nvmm.json`. Only the paths it names are looked up
+    /// (they must exist); the description itself is not read from `dir`, so the fuzz targets
+    /// can parse documents without writing them out.
+    pub fn parse(dir: &Path, text: &str) -> Result<Runner, RunnerError> {
+        let path = dir.join(RUNNER_FILE);
         let invalid = |reason: String| RunnerError::Invalid {
-            path: path.to_path_buf(),
+            path: path.clone(),
             reason,
         };
         // The version first, alone: a future format may not parse as this one.
@@ -197,7 +201,7 @@ impl Runner {
             Some(RUNNER_VERSION) => {}
             Some(found) => {
                 return Err(RunnerError::Version {
-                    path: path.to_path_buf(),
+                    path: path.clone(),
                     found,
                 });
             }
@@ -222,7 +226,7 @@ impl Runner {
                 Ok(resolved)
             } else {
                 Err(RunnerError::Missing {
-                    runner: path.to_path_buf(),
+                    runner: path.clone(),
                     member,
                     path: resolved,
                 })

@@ -43,7 +43,6 @@ impl SeedDisk {
     }
 
     /// The image: the archive, then zeros up to a multiple of 4096 bytes.
-    #[cfg(test)]
     pub fn as_bytes(&self) -> &[u8] {
         &self.image
     }
