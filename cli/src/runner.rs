@@ -12,6 +12,10 @@ use crate::net::forward::ForwardSpec;
 pub const RUNNER_VERSION: u64 = 1;
 /// The description's file name inside a runner directory.
 pub const RUNNER_FILE: &str = "nvmm.json";
+/// The largest `diskSizeMiB`: the largest size in MiB whose byte count (`<< 20`) fits a `u64`.
+/// Past it the shift would drop the high bits and give a small disk (or an empty one) without
+/// a word.
+pub const MAX_DISK_SIZE_MIB: u64 = u64::MAX >> 20;
 
 /// Errors reading a runner directory.
 #[derive(Debug, thiserror::Error)]
@@ -155,7 +159,7 @@ pub struct Runner {
     pub memory_mib: u64,
     /// Default vCPU count.
     pub vcpus: u8,
-    /// Writable disk size, MiB.
+    /// Writable disk size, MiB: 1 to [`MAX_DISK_SIZE_MIB`].
     pub disk_size_mib: u64,
     /// Ports forwarded from the host.
     pub forwards: Vec<ForwardSpec>,
@@ -219,6 +223,11 @@ impl Runner {
         }
         if file.disk_size_mib == 0 {
             return Err(invalid("`diskSizeMiB` must be at least 1".into()));
+        }
+        if file.disk_size_mib > MAX_DISK_SIZE_MIB {
+            return Err(invalid(format!(
+                "`diskSizeMiB` must be at most {MAX_DISK_SIZE_MIB}"
+            )));
         }
         let existing = |member: &'static str, relative: &Path| {
             let resolved = dir.join(relative);
@@ -351,6 +360,27 @@ mod tests {
             let err = Runner::load(dir.path()).unwrap_err().to_string();
             assert!(err.contains(expected), "{json}: {err}");
         }
+    }
+
+    #[test]
+    fn disk_sizes_past_a_64_bit_byte_count_are_refused() {
+        // 2^44 MiB is 2^64 bytes: `<< 20` made it an empty disk, and 2^44 + 8192 MiB the
+        // default 8 GiB one.
+        for mib in [1 << 44, (1 << 44) + 8192, u64::MAX] {
+            let dir = runner_dir(&format!(
+                r#"{{"version": 1, "kernel": "kernel", "cmdline": "", "diskSizeMiB": {mib}}}"#
+            ));
+            let err = Runner::load(dir.path()).unwrap_err().to_string();
+            assert!(
+                err.contains("`diskSizeMiB` must be at most"),
+                "{mib}: {err}"
+            );
+        }
+        let dir = runner_dir(&format!(
+            r#"{{"version": 1, "kernel": "kernel", "cmdline": "", "diskSizeMiB": {MAX_DISK_SIZE_MIB}}}"#
+        ));
+        let runner = Runner::load(dir.path()).unwrap();
+        assert_eq!((runner.disk_size_mib << 20) >> 20, runner.disk_size_mib);
     }
 
     #[test]
