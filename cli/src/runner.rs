@@ -45,8 +45,9 @@ pub enum RunnerError {
         /// The version it states.
         found: u64,
     },
-    /// A path the description names does not exist.
-    #[error("{} names {member} {}, which does not exist", .runner.display(), .path.display())]
+    /// A path the description names does not exist, or is no file (a directory).
+    #[error("{} names {member} {}, which {}", .runner.display(), .path.display(),
+        if .path.exists() { "is not a file" } else { "does not exist" })]
     Missing {
         /// The file.
         runner: PathBuf,
@@ -231,7 +232,8 @@ impl Runner {
         }
         let existing = |member: &'static str, relative: &Path| {
             let resolved = dir.join(relative);
-            if resolved.exists() {
+            // A directory (`"kernel": "."`) would pass here and fail to load much later.
+            if resolved.is_file() {
                 Ok(resolved)
             } else {
                 Err(RunnerError::Missing {
@@ -395,9 +397,14 @@ mod tests {
         let dir = runner_dir(r#"{"version": 1, "kernel": "vmlinux", "cmdline": ""}"#);
         let err = Runner::load(dir.path()).unwrap_err().to_string();
         assert!(
-            err.contains("names kernel") && err.contains("vmlinux"),
+            err.contains("names kernel") && err.contains("vmlinux, which does not exist"),
             "{err}"
         );
+
+        // A directory is no kernel (found by fuzz/fuzz_targets/runner_json.rs).
+        let dir = runner_dir(r#"{"version": 1, "kernel": ".", "cmdline": ""}"#);
+        let err = Runner::load(dir.path()).unwrap_err().to_string();
+        assert!(err.ends_with("which is not a file"), "{err}");
 
         let dir = TempDir::new("runner-empty");
         let err = Runner::load(dir.path()).unwrap_err().to_string();
