@@ -25,7 +25,6 @@ const POLL_INTERVAL: Duration = Duration::from_millis(20);
 pub fn up(args: &UpArgs) -> Result<Outcome, CliError> {
     let flake = FlakeRef::resolve(&args.flake)?;
     let (runtime_dir, _) = host::state_dirs();
-    state::reap_dead(&runtime_dir);
     let is_running = |name: &String| VmDir::new(&runtime_dir, name).running_pid().is_some();
     let boot_args = |names: Vec<String>| BootArgs {
         names,
