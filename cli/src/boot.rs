@@ -87,25 +87,22 @@ pub fn start_targets(args: &BootArgs, targets: &Targets) -> Result<Outcome, CliE
         &names,
         std::process::id(),
     )?;
+    // In the runners' order, so the attached VM's comes first. Those not handed to a VM yet
+    // leave the network with the iterator if this returns early.
     let mut joined = memberships
         .into_iter()
-        .map(|membership| Some((joined_network.clone(), membership)))
-        .collect::<Vec<_>>();
+        .map(|membership| (joined_network.clone(), membership));
 
     let flake = targets.flake.as_ref().map(FlakeRef::as_str);
     let (attached, background) = match args.detach {
         true => (None, &targets.runners[..]),
         false => (Some(&targets.runners[0]), &targets.runners[1..]),
     };
-    let attached_joined = match attached {
-        Some(_) => joined.first_mut().and_then(Option::take),
-        None => None,
-    };
-    let background_joined = &mut joined[usize::from(attached.is_some())..];
+    let attached_joined = attached.and_then(|_| joined.next());
     // Forked all at once, so that they set up side by side; then waited for in order.
     let mut starting = Vec::new();
-    for ((name, runner), membership) in background.iter().zip(background_joined) {
-        let launch = launch(args, name, runner, &network, membership.take(), true, flake)?;
+    for ((name, runner), membership) in background.iter().zip(joined.by_ref()) {
+        let launch = launch(args, name, runner, &network, Some(membership), true, flake)?;
         match launch.start()? {
             Launched::InBackground(vm) => starting.push((name, vm)),
             // This is the background process; its VM has ended.

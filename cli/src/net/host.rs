@@ -380,13 +380,8 @@ impl Network {
         let mut made = Vec::new();
         let added = assign_addresses(&paths, &config.name, vm_names, &subnet, &live).and_then(
             |(addresses, hosts)| {
-                let owner = MemberRecord {
-                    pid,
-                    start_time,
-                    tap: String::new(),
-                };
                 for (vm_name, address) in vm_names.iter().zip(addresses) {
-                    let tap = add_member(&mut nl, &paths, &config.name, vm_name, &owner)?;
+                    let tap = add_member(&mut nl, &paths, &config.name, vm_name, pid, start_time)?;
                     made.push((vm_name.clone(), tap, address));
                 }
                 Ok(hosts)
@@ -439,31 +434,45 @@ impl Network {
     }
 }
 
-/// Writes VM `vm_name`'s member record (owned as `owner` says), then makes its tap; returns the
-/// tap's name.
+/// Writes VM `vm_name`'s member record (owned by process `pid`, started at `start_time`), then
+/// makes its tap; returns the tap's name.
 fn add_member(
     nl: &mut Netlink,
     paths: &NetworkPaths,
     network: &str,
     vm_name: &str,
-    owner: &MemberRecord,
+    pid: u32,
+    start_time: u64,
 ) -> Result<String, NetError> {
     let tap = tap_name(network, vm_name);
     // The record before the tap: a process killed from here on leaves a record that names its
     // tap, and whoever reaps it removes both. A tap made first would be nobody's until the
     // record was written, and a kill in between left it for good.
     let member = MemberRecord {
+        pid,
+        start_time,
         tap: tap.clone(),
-        ..owner.clone()
     };
-    let record = paths.member_file(vm_name);
-    write_atomically(&record, &member.to_text(), Durability::Renamed)?;
+    write_member(paths, vm_name, &member)?;
     if let Err(e) = create_tap(nl, &tap, network) {
-        let _ = remove_if_present(&record);
+        let _ = remove_if_present(&paths.member_file(vm_name));
         return Err(e);
     }
     stop_here_for_tests("tap");
     Ok(tap)
+}
+
+/// Replaces VM `vm_name`'s member record (runtime state: renamed into place, not flushed).
+fn write_member(
+    paths: &NetworkPaths,
+    vm_name: &str,
+    member: &MemberRecord,
+) -> Result<(), NetError> {
+    write_atomically(
+        &paths.member_file(vm_name),
+        &member.to_text(),
+        Durability::Renamed,
+    )
 }
 
 impl Membership {
@@ -480,11 +489,7 @@ impl Membership {
             start_time,
             tap: self.tap.clone(),
         };
-        write_atomically(
-            &self.paths.member_file(&self.vm_name),
-            &member.to_text(),
-            Durability::Renamed,
-        )
+        write_member(&self.paths, &self.vm_name, &member)
     }
 
     /// Lets go of the membership without leaving: the VM's own process has it now.
@@ -1049,8 +1054,8 @@ fn assign_addresses(
 }
 
 /// `NVMM_TEST_STOP_AT=POINT` (tests only; never set in normal use): the process stops itself
-/// with SIGSTOP at `point`, so a test can kill it exactly there. `tap`: in [`Network::join`],
-/// right after the VM's tap exists.
+/// with SIGSTOP at `point`, so a test can kill it exactly there. `tap`: in
+/// [`Network::join_all`], right after a VM's tap exists.
 fn stop_here_for_tests(point: &str) {
     if std::env::var_os("NVMM_TEST_STOP_AT").is_some_and(|p| p == point) {
         // SAFETY: raise only sends a signal to this thread; SIGSTOP stops the whole process.
