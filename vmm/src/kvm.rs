@@ -97,22 +97,13 @@ pub fn create_guest_memory(mem_mib: u64) -> Result<GuestMemoryMmap, KvmError> {
     Ok(mem)
 }
 
-/// Creates the VM: TSS, in-kernel IOAPIC/PIC/LAPIC, PIT, and one memory slot per RAM region.
+/// Creates the VM: one memory slot per RAM region, TSS, in-kernel IOAPIC/PIC/LAPIC, PIT.
 pub fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, KvmError> {
     let vm = kvm
         .create_vm()
         .map_err(|e| KvmError::Setup("create the VM", e))?;
-    vm.set_tss_address(layout::KVM_TSS_START as usize)
-        .map_err(|e| KvmError::Setup("set the TSS address", e))?;
-    vm.create_irq_chip()
-        .map_err(|e| KvmError::Setup("create the in-kernel irqchip", e))?;
-    // The speaker port (0x61) is emulated as a dummy so PIT calibration in guests works.
-    let pit = kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    };
-    vm.create_pit2(pit)
-        .map_err(|e| KvmError::Setup("create the in-kernel PIT", e))?;
+    // Memory first: registering a slot once the in-kernel irqchip exists took 5-10 ms on
+    // kvm-pvm, against 0.05 ms before it (Firecracker registers memory first too).
     for (slot, region) in mem.iter().enumerate() {
         let region_info = kvm_userspace_memory_region {
             slot: slot as u32,
@@ -127,6 +118,17 @@ pub fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, KvmError> {
         unsafe { vm.set_user_memory_region(region_info) }
             .map_err(|e| KvmError::Setup("register guest memory with KVM", e))?;
     }
+    vm.set_tss_address(layout::KVM_TSS_START as usize)
+        .map_err(|e| KvmError::Setup("set the TSS address", e))?;
+    vm.create_irq_chip()
+        .map_err(|e| KvmError::Setup("create the in-kernel irqchip", e))?;
+    // The speaker port (0x61) is emulated as a dummy so PIT calibration in guests works.
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit)
+        .map_err(|e| KvmError::Setup("create the in-kernel PIT", e))?;
     Ok(vm)
 }
 
