@@ -67,9 +67,16 @@ fn two_configurations_booted_together_reach_each_other_by_name() {
         out.stdout.contains("net_client echoed bytes=20000 ok"),
         "{out:?}"
     );
-    for phase in ["evaluating client, server", "building client, server"] {
-        assert!(out.stderr.contains(phase), "no {phase:?}: {out:?}");
-    }
+    assert!(
+        out.stderr.contains("evaluating client, server"),
+        "{out:?}"
+    );
+    // Built by an earlier run of this test, the same runners are in the store already.
+    assert!(
+        out.stderr.contains("building client, server")
+            || out.stderr.contains("client, server already built"),
+        "{out:?}"
+    );
     assert!(
         out.stderr.contains("server runs in the background"),
         "{out:?}"
@@ -98,6 +105,64 @@ fn two_configurations_booted_together_reach_each_other_by_name() {
     assert_eq!(listed[1]["running"], true, "{listed}");
     flake.stop("server");
     assert_eq!(ns.links(), vec!["lo".to_owned()], "no tap, no bridge left");
+}
+
+#[test]
+fn a_built_runner_is_not_built_again_and_a_broken_one_is() {
+    if !kvm_or_skip("nix boot built") {
+        return;
+    }
+    let Some(ns) = Netns::new("nix boot built") else {
+        return;
+    };
+    // Store text of its own, so that no earlier run built this runner.
+    let nonce = format!("{}-{:?}", std::process::id(), Instant::now());
+    let flake = FakeFlake::new(&format!(
+        r#"{{"systems": {{"server": {{"cmdline": "nvmm_test=poweroff", "store": "{nonce}"}}}}}}"#
+    ));
+    let boot = || {
+        let out = wait_with_guard(flake.nvmm_in(&ns, &["-v", "boot", "server"]).spawn().unwrap());
+        ok(&out);
+        assert!(out.stdout.contains("poweroff via acpi"), "{out:?}");
+        out
+    };
+    let out = boot();
+    assert!(out.stderr.contains("nvmm: building server"), "{out:?}");
+    let kernel = out
+        .stderr
+        .lines()
+        .find_map(|l| l.split_once("] booting ")?.1.split_once("/kernel "))
+        .expect("the booted kernel")
+        .0
+        .to_owned();
+
+    // Warm: the evaluation checks the runner, and no build follows.
+    let out = boot();
+    assert!(out.stderr.contains("nvmm: server already built"), "{out:?}");
+    assert!(!out.stderr.contains("nvmm: building"), "{out:?}");
+
+    // A runner directory that is on disk but not valid in the store (a build that was cut
+    // short, a half-finished garbage collection) is built again, not booted.
+    let deleted = std::process::Command::new("nix-store")
+        .args(["--delete", &kernel])
+        .output()
+        .unwrap();
+    assert!(deleted.status.success(), "{deleted:?}");
+    std::fs::create_dir(&kernel).unwrap();
+    std::fs::write(format!("{kernel}/nvmm.json"), "not a runner").unwrap();
+    let out = boot();
+    assert!(out.stderr.contains("nvmm: server already built"), "{out:?}");
+    let runner = std::fs::read_to_string(format!("{kernel}/nvmm.json")).unwrap();
+    assert!(runner.contains("\"kernel\""), "{runner}");
+
+    // Not on disk at all: one nix build, as the first time.
+    let deleted = std::process::Command::new("nix-store")
+        .args(["--delete", &kernel])
+        .output()
+        .unwrap();
+    assert!(deleted.status.success(), "{deleted:?}");
+    let out = boot();
+    assert!(out.stderr.contains("nvmm: building server"), "{out:?}");
 }
 
 /// The FNV-1a of `sectors` 512-byte sectors of `bytes`, zero-padded, as the guest prints it.

@@ -306,6 +306,10 @@ struct Evaluated {
 struct EvaluatedRunner {
     name: String,
     drv: String,
+    /// The runner's output path.
+    out: String,
+    /// The output is in the store and valid: nix checked it during the evaluation.
+    realised: bool,
 }
 
 impl Nix {
@@ -364,8 +368,8 @@ impl Nix {
     }
 
     /// Evaluates and builds the runner directory of each configuration `selection` names,
-    /// with the guest module at `module` injected: one `nix eval`, then one `nix build` (none
-    /// when nothing is selected).
+    /// with the guest module at `module` injected: one `nix eval`, then one `nix build` of the
+    /// runners that are not in the store yet (none when all are, or nothing is selected).
     pub fn build_runners(
         &self,
         flake: &FlakeRef,
@@ -378,7 +382,19 @@ impl Nix {
         };
         eprintln!("nvmm: evaluating {asked} (flake {flake})");
         let expr = runner_expression(flake, selection, module);
-        let stdout = self.run_nix("nix eval", &["eval", "--json", "--impure", "--expr", &expr])?;
+        // The expression reads built runners through their outputs to have nix check them:
+        // import from derivation, which a user may have turned off for their own code.
+        let args = [
+            "eval",
+            "--json",
+            "--impure",
+            "--option",
+            "allow-import-from-derivation",
+            "true",
+            "--expr",
+            &expr,
+        ];
+        let stdout = self.run_nix("nix eval", &args)?;
         let stdout = match stdout {
             Ok(stdout) => stdout,
             Err(message) => {
@@ -399,8 +415,53 @@ impl Nix {
             });
         }
 
-        let names: Vec<String> = evaluated.runners.iter().map(|r| r.name.clone()).collect();
-        let what = names.join(", ");
+        // Runners the evaluation found built need no `nix build`: on a warm store, one nix
+        // process in all.
+        let (built, unbuilt): (Vec<&EvaluatedRunner>, Vec<&EvaluatedRunner>) =
+            evaluated.runners.iter().partition(|r| r.realised);
+        if !built.is_empty() {
+            let names: Vec<&str> = built.iter().map(|r| r.name.as_str()).collect();
+            eprintln!("nvmm: {} already built", names.join(", "));
+        }
+        let mut outputs: Vec<(&str, PathBuf)> = built
+            .iter()
+            .map(|r| (r.drv.as_str(), PathBuf::from(&r.out)))
+            .collect();
+        if !unbuilt.is_empty() {
+            let derivations: Vec<String> = unbuilt.iter().map(|r| r.drv.clone()).collect();
+            let names: Vec<&str> = unbuilt.iter().map(|r| r.name.as_str()).collect();
+            let dirs = self.build(&names.join(", "), &evaluated.nix_version, &derivations)?;
+            outputs.extend(unbuilt.iter().map(|r| r.drv.as_str()).zip(dirs));
+        }
+        let runners = evaluated
+            .runners
+            .iter()
+            .map(|runner| {
+                let dir = outputs
+                    .iter()
+                    .find(|(drv, _)| *drv == runner.drv)
+                    .map(|(_, dir)| dir.clone())
+                    .ok_or_else(|| NixError::UnexpectedOutput {
+                        program: "nix build".into(),
+                        detail: format!("no output for {}", runner.drv),
+                    })?;
+                Ok((runner.name.clone(), dir))
+            })
+            .collect::<Result<_, NixError>>()?;
+        Ok(Built {
+            configurations: evaluated.configurations,
+            runners,
+        })
+    }
+
+    /// `nix build` of `derivations` (the runners of `what`); their output directories, in
+    /// order.
+    fn build(
+        &self,
+        what: &str,
+        nix_version: &str,
+        derivations: &[String],
+    ) -> Result<Vec<PathBuf>, NixError> {
         eprintln!("nvmm: building {what}");
         let mut args = vec!["build", "--no-link", "--json"];
         if self.log == NixLog::BuildLogs {
@@ -408,12 +469,10 @@ impl Nix {
         }
         // Nix 2.13 made `DRV^*` the way to name a derivation's outputs; older ones read a
         // plain .drv path that way.
-        let version =
-            parse_version(&evaluated.nix_version).ok_or_else(|| NixError::UnexpectedOutput {
-                program: "nix eval".into(),
-                detail: format!("builtins.nixVersion is {:?}", evaluated.nix_version),
-            })?;
-        let derivations: Vec<String> = evaluated.runners.into_iter().map(|r| r.drv).collect();
+        let version = parse_version(nix_version).ok_or_else(|| NixError::UnexpectedOutput {
+            program: "nix eval".into(),
+            detail: format!("builtins.nixVersion is {nix_version:?}"),
+        })?;
         let installables: Vec<String> = derivations
             .iter()
             .map(|drv| match version >= (2, 13) {
@@ -424,15 +483,11 @@ impl Nix {
         args.extend(installables.iter().map(String::as_str));
         let stdout = self.run_nix("nix build", &args)?;
         let stdout = stdout.map_err(|message| NixError::Build {
-            what: what.clone(),
+            what: what.to_owned(),
             derivation: failed_derivation(&message),
             message,
         })?;
-        let dirs = runners_in_order(&stdout, &derivations)?;
-        Ok(Built {
-            configurations: evaluated.configurations,
-            runners: names.into_iter().zip(dirs).collect(),
-        })
+        runners_in_order(&stdout, derivations)
     }
 
     fn evaluation_error(&self, flake: &FlakeRef, what: &str, message: String) -> NixError {
@@ -658,7 +713,8 @@ fn runners_in_order(stdout: &str, derivations: &[String]) -> Result<Vec<PathBuf>
 }
 
 /// The `nix eval` expression: nix's version, the flake's configuration names, and the
-/// runner derivation of each selected name, in order. A configuration that already imports
+/// runner derivation of each selected name, in order, with its output and whether that is
+/// built. A configuration that already imports
 /// the guest module (by hand) is used as it is; the others get it through `extendModules`.
 fn runner_expression(flake: &FlakeRef, selection: Selection<'_>, module: &Path) -> String {
     let list = |names: &[String]| {
@@ -687,11 +743,23 @@ fn runner_expression(flake: &FlakeRef, selection: Selection<'_>, module: &Path) 
         withModule =
           if system ? options && system.options ? nvmm then system
           else system.extendModules {{ modules = [ module ]; }};
-      in withModule.config.system.build.nvmm.drvPath;
+      in withModule.config.system.build.nvmm;
+  # A runner output on disk may still be unfinished or half deleted: nix knows. Checking a
+  # path with the derivation's context has nix realise it, which for a valid output is a
+  # look-up (and otherwise builds it); outputs not on disk are left to one parallel build.
+  evaluated = name:
+    let
+      built = runner name;
+      out = builtins.unsafeDiscardStringContext built.outPath;
+    in {{
+      inherit name out;
+      drv = built.drvPath;
+      realised = builtins.pathExists out && builtins.pathExists "${{built}}";
+    }};
 in {{
   nixVersion = builtins.nixVersion;
   configurations = names;
-  runners = map (name: {{ inherit name; drv = runner name; }}) ({selected});
+  runners = map evaluated ({selected});
 }}"#,
         flake = nix_string(flake.as_str()),
         module = nix_string(&module.to_string_lossy()),
