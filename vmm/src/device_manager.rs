@@ -28,6 +28,9 @@ pub enum DeviceError {
     /// eventfd creation failed.
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
+    /// The timer that replays coalesced serial output could not be made.
+    #[error("cannot create the serial output timer")]
+    SerialTimer(#[source] std::io::Error),
     /// irqfd registration failed.
     #[error("cannot register irqfd for IRQ {irq}")]
     RegisterIrqFd {

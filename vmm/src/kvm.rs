@@ -1,9 +1,10 @@
 //! KVM itself: opening /dev/kvm, guest memory, and a VM with the in-kernel irqchip and PIT.
 
 use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+use crate::coalesced::CoalescedRing;
 use crate::layout;
 
 /// The KVM API version every kernel since 2.6.22 reports.
@@ -130,6 +131,27 @@ pub fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, KvmError> {
     vm.create_pit2(pit)
         .map_err(|e| KvmError::Setup("create the in-kernel PIT", e))?;
     Ok(vm)
+}
+
+/// Has KVM queue the guest's writes to the UART's data register instead of exiting for each
+/// (see coalesced.rs); the ring they queue in, mapped through `vcpu`. None where KVM cannot:
+/// the writes then exit as any other.
+pub fn coalesce_serial_output(kvm: &Kvm, vm: &VmFd, vcpu: &VcpuFd) -> Option<CoalescedRing> {
+    if !kvm.check_extension(Cap::CoalescedPio) {
+        return None;
+    }
+    let ring = match CoalescedRing::map(vcpu) {
+        Ok(ring) => ring,
+        Err(err) => {
+            log::debug!("no coalesced serial output: cannot map the ring: {err}");
+            return None;
+        }
+    };
+    if let Err(err) = vm.register_coalesced_mmio(IoEventAddress::Pio(layout::ports::COM1), 1) {
+        log::debug!("no coalesced serial output: {err}");
+        return None;
+    }
+    Some(ring)
 }
 
 /// True when /dev/kvm is kvm-pvm: a software, pagetable-based KVM that runs nested without

@@ -8,6 +8,7 @@
 
 pub mod acpi;
 pub mod boot;
+pub mod coalesced;
 pub mod config;
 pub mod console;
 pub mod console_server;
@@ -46,6 +47,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
 use crate::boot::BootError;
+use crate::coalesced::{CoalescedWrites, ReplayTimer};
 use crate::console::{ConsoleInput, ConsoleResize, RawStdout, ResizeHandle};
 use crate::console_server::{ConsoleHub, ConsoleServer, HubWriter};
 use crate::device_manager::{DeviceError, DeviceEvents};
@@ -251,9 +253,15 @@ pub fn build_and_boot(config: &VmConfig) -> Result<Vm, Error> {
         device_manager::attach_legacy_devices(&vm, console_output.writer(), process_start)?;
     device_manager::attach_disks(&vm, &mut devices, &mem, &config.disks)?;
     device_manager::attach_nets(&vm, &mut devices, &mem, &config.nets)?;
+    // Set once the UART's data writes are coalesced (below).
+    let serial_first = Arc::new(OnceLock::new());
     if config.console.virtio {
         let size = console::terminal_size().unwrap_or(DEFAULT_CONSOLE_SIZE);
-        device_manager::attach_console(&vm, &mut devices, &mem, console_output.writer(), size)?;
+        let output = Box::new(SerialFirst {
+            output: console_output.writer(),
+            serial: serial_first.clone(),
+        });
+        device_manager::attach_console(&vm, &mut devices, &mem, output, size)?;
     }
     let discovery = config.virtio_discovery;
     let cmdline_devices = if discovery.cmdline() {
@@ -281,7 +289,20 @@ pub fn build_and_boot(config: &VmConfig) -> Result<Vm, Error> {
         pio: Arc::new(devices.pio),
         mmio: Arc::new(devices.mmio),
     };
-    let vcpus = configure_vcpus(&kvm, vcpu_fds, &mem, &peripherals, entry, config)?;
+    let coalesced =
+        coalesce_serial_output(&kvm, &vm, &vcpu_fds[0], &peripherals, &mut devices.events)?;
+    if let Some(writes) = &coalesced {
+        let _ = serial_first.set(writes.clone());
+    }
+    let vcpus = configure_vcpus(
+        &kvm,
+        vcpu_fds,
+        &mem,
+        &peripherals,
+        coalesced.clone(),
+        entry,
+        config,
+    )?;
     log::info!(
         "booting {} ({} MiB, {} vCPUs) with command line {:?}",
         config.kernel.display(),
@@ -292,12 +313,54 @@ pub fn build_and_boot(config: &VmConfig) -> Result<Vm, Error> {
     Vm::start(kvm, vm, mem, vcpus, devices.events, config, console_output)
 }
 
+/// The virtio console's output. Both consoles print to one terminal: the UART's queued writes
+/// go out first, so that what the guest wrote to the UART before comes before.
+struct SerialFirst {
+    output: nvmm_devices::legacy::SerialWriter,
+    serial: Arc<OnceLock<Arc<CoalescedWrites>>>,
+}
+
+impl std::io::Write for SerialFirst {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Some(writes) = self.serial.get() {
+            writes.flush();
+        }
+        self.output.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.output.flush()
+    }
+}
+
+/// Has KVM queue the UART's data writes (coalesced.rs), and the event loop replay them on its
+/// timer; None where KVM cannot queue them.
+fn coalesce_serial_output(
+    kvm: &Kvm,
+    vm: &VmFd,
+    vcpu: &kvm_ioctls::VcpuFd,
+    peripherals: &Peripherals,
+    events: &mut DeviceEvents,
+) -> Result<Option<Arc<CoalescedWrites>>, Error> {
+    let Some(ring) = kvm::coalesce_serial_output(kvm, vm, vcpu) else {
+        return Ok(None);
+    };
+    let transmit_interrupt = lock(&events.serial).transmit_interrupt();
+    let writes = CoalescedWrites::new(ring, peripherals.clone(), transmit_interrupt)
+        .map_err(|e| Error::Devices(DeviceError::SerialTimer(e)))?;
+    let writes = Arc::new(writes);
+    let timer = ReplayTimer(writes.clone());
+    events.subscribers.push(Arc::new(Mutex::new(timer)));
+    Ok(Some(writes))
+}
+
 /// Gives every vCPU its CPUID, MSRs, FPU and LAPIC state, and the boot vCPU the kernel entry.
 fn configure_vcpus(
     kvm: &Kvm,
     fds: Vec<kvm_ioctls::VcpuFd>,
     mem: &GuestMemoryMmap,
     peripherals: &Peripherals,
+    coalesced: Option<Arc<CoalescedWrites>>,
     entry: boot::KernelEntry,
     config: &VmConfig,
 ) -> Result<Vec<Vcpu>, Error> {
@@ -306,7 +369,7 @@ fn configure_vcpus(
         .map_err(|e| KvmError::Setup("read the supported CPUID", e))?;
     let mut vcpus = Vec::with_capacity(fds.len());
     for (index, fd) in (0u8..).zip(fds) {
-        let vcpu = Vcpu::new(fd, index, peripherals.clone(), mem.clone());
+        let vcpu = Vcpu::new(fd, index, peripherals.clone(), coalesced.clone(), mem.clone());
         let cpuid = cpuid::vcpu_cpuid(&supported_cpuid, index, config.vcpus, config.cpuid);
         vcpu.configure(&cpuid)?;
         if index == 0 {

@@ -458,7 +458,7 @@ const LOG_OPEN_FLAGS: u64 =
     (libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND | libc::O_CLOEXEC) as u64;
 
 /// A vCPU thread: KVM_RUN and the device models its exits reach (UART and virtio registers,
-/// i8042, ACPI, debug port). Those write guest output (stdout, or a background VM's log and
+/// i8042, ACPI, debug port), and the coalesced serial output's replay timer. Those write guest output (stdout, or a background VM's log and
 /// attached client), signal eventfds and log. On a KVM internal error it reads the registers
 /// and translates RIP. Virtio-net activation sets tap offloads. `console_log`: guest output goes
 /// to a log that this thread may rotate (rename, then open for appending).
@@ -470,6 +470,8 @@ pub fn vcpu(console_log: bool) -> Allowlist {
         request::KVM_TRANSLATE(),
         nvmm_devices::virtio::net::tap::TUNSETOFFLOAD,
     ]);
+    // Coalesced serial output: each exit sets the timer that replays what follows it.
+    list.allow(&[libc::SYS_timerfd_settime]);
     if console_log {
         list.allow(&[libc::SYS_rename]);
         list.allow_when(libc::SYS_openat, &[Arg::eq(2, LOG_OPEN_FLAGS)]);
@@ -483,7 +485,8 @@ pub fn vcpu(console_log: bool) -> Allowlist {
 /// is dropped: epoll; eventfds; stdin and stdout; TIOCGWINSZ; virtio-blk's positional vectored
 /// I/O, fdatasync and fallocate (and pwrite when zeroing falls back to writing); the tap; a
 /// background VM's console socket (accept, timeouts, non-blocking recv, dup for the output
-/// side, shutdown) and log rotation; kicking vCPU threads (SIGRTMIN) and sleeping between kicks.
+/// side, shutdown) and log rotation; the coalesced serial output's replay timer; kicking vCPU
+/// threads (SIGRTMIN) and sleeping between kicks.
 /// No KVM ioctl: everything the devices need from KVM (irqfds, ioeventfds) was set up before.
 pub fn event_loop() -> Allowlist {
     use libc::*;
@@ -503,6 +506,8 @@ pub fn event_loop() -> Allowlist {
         SYS_shutdown,
         SYS_rename,
         SYS_clock_nanosleep,
+        // Coalesced serial output's replay timer.
+        SYS_timerfd_settime,
     ]);
     list.ioctls(&[TIOCGWINSZ, FIONBIO]);
     list.allow_when(SYS_fcntl, &[Arg::eq(1, F_DUPFD_CLOEXEC as u64)]);

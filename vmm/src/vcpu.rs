@@ -13,6 +13,7 @@ use nvmm_devices::bus::Bus;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::boot::{BOOT_GDT, KernelEntry};
+use crate::coalesced::CoalescedWrites;
 use crate::layout;
 
 const X86_CR0_PE: u64 = 1 << 0;
@@ -177,6 +178,8 @@ pub struct Vcpu {
     fd: VcpuFd,
     index: u8,
     peripherals: Peripherals,
+    /// The VM's coalesced writes, replayed before every exit is handled.
+    coalesced: Option<Arc<CoalescedWrites>>,
     mem: GuestMemoryMmap,
 }
 
@@ -186,11 +189,18 @@ fn setup_err(what: &'static str, vcpu: u8) -> impl FnOnce(kvm_ioctls::Error) -> 
 
 impl Vcpu {
     /// Wraps a created vCPU.
-    pub fn new(fd: VcpuFd, index: u8, peripherals: Peripherals, mem: GuestMemoryMmap) -> Self {
+    pub fn new(
+        fd: VcpuFd,
+        index: u8,
+        peripherals: Peripherals,
+        coalesced: Option<Arc<CoalescedWrites>>,
+        mem: GuestMemoryMmap,
+    ) -> Self {
         Self {
             fd,
             index,
             peripherals,
+            coalesced,
             mem,
         }
     }
@@ -303,7 +313,12 @@ impl Vcpu {
             if stop.load(Ordering::Acquire) {
                 return VcpuOutcome::Stopped;
             }
-            let step = handle_kvm_exit(&self.peripherals, self.index, self.fd.run());
+            let exit = self.fd.run();
+            // The guest made the queued writes before this exit: the devices see them first.
+            if let Some(writes) = &self.coalesced {
+                writes.on_exit();
+            }
+            let step = handle_kvm_exit(&self.peripherals, self.index, exit);
             match step {
                 Ok(VcpuEmulation::Handled) | Ok(VcpuEmulation::Interrupted) => {}
                 Ok(VcpuEmulation::Stop(outcome)) => return outcome,

@@ -1,6 +1,7 @@
 //! The 8250/16550 UART at COM1, backed by vm-superio, writing to the host console.
 
 use std::io::Write;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use vm_superio::Serial;
@@ -36,9 +37,20 @@ impl SerialEvents for FifoRoomEvents {
     }
 }
 
+/// Line control register: bit 7 switches registers 0 and 1 to the divisor latch.
+const LCR: u8 = 3;
+const LCR_DIVISOR_LATCH: u8 = 0x80;
+/// Interrupt enable register: bit 1 enables the transmitter-empty interrupt.
+const IER: u8 = 1;
+const IER_TRANSMIT_EMPTY: u8 = 0x02;
+
 /// COM1: an 8-register UART whose interrupt line is an irqfd.
 pub struct SerialPort {
     uart: Serial<EventFdTrigger, FifoRoomEvents, SerialWriter>,
+    divisor_latch: bool,
+    /// The guest enabled the transmitter-empty interrupt: it may be waiting for its output to
+    /// be taken (the VMM replays coalesced writes on a timer meanwhile).
+    transmit_interrupt: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for SerialPort {
@@ -57,7 +69,14 @@ impl SerialPort {
         };
         Self {
             uart: Serial::with_events(interrupt, events, out),
+            divisor_latch: false,
+            transmit_interrupt: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// True while the guest has the transmitter-empty interrupt enabled.
+    pub fn transmit_interrupt(&self) -> Arc<AtomicBool> {
+        self.transmit_interrupt.clone()
     }
 
     /// Free space in the receive FIFO.
@@ -103,6 +122,13 @@ impl BusDevice for SerialPort {
 
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
         if let (Some(&value), Ok(reg)) = (data.first(), u8::try_from(offset)) {
+            match reg {
+                LCR => self.divisor_latch = value & LCR_DIVISOR_LATCH != 0,
+                IER if !self.divisor_latch => self
+                    .transmit_interrupt
+                    .store(value & IER_TRANSMIT_EMPTY != 0, Ordering::Release),
+                _ => {}
+            }
             if let Err(err) = self.uart.write(reg, value) {
                 log::debug!("serial write to register {reg}: {err:?}");
             }
@@ -165,6 +191,21 @@ mod tests {
         }
         assert_eq!(room.read().unwrap(), 1);
         assert_eq!(port.fifo_room(), capacity);
+    }
+
+    #[test]
+    fn the_transmit_interrupt_enable_is_followed_but_not_through_the_divisor_latch() {
+        let (mut port, _out, _irq, _room) = port();
+        let enabled = port.transmit_interrupt();
+        port.write(0x3f8, 1, &[0x02]);
+        assert!(enabled.load(Ordering::Acquire));
+        // DLAB set: register 1 is the divisor's high byte.
+        port.write(0x3f8, 3, &[0x83]);
+        port.write(0x3f8, 1, &[0x00]);
+        assert!(enabled.load(Ordering::Acquire));
+        port.write(0x3f8, 3, &[0x03]);
+        port.write(0x3f8, 1, &[0x01]);
+        assert!(!enabled.load(Ordering::Acquire));
     }
 
     #[test]
