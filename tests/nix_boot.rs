@@ -67,10 +67,7 @@ fn two_configurations_booted_together_reach_each_other_by_name() {
         out.stdout.contains("net_client echoed bytes=20000 ok"),
         "{out:?}"
     );
-    assert!(
-        out.stderr.contains("evaluating client, server"),
-        "{out:?}"
-    );
+    assert!(out.stderr.contains("evaluating client, server"), "{out:?}");
     // Built by an earlier run of this test, the same runners are in the store already.
     assert!(
         out.stderr.contains("building client, server")
@@ -121,7 +118,12 @@ fn a_built_runner_is_not_built_again_and_a_broken_one_is() {
         r#"{{"systems": {{"server": {{"cmdline": "nvmm_test=poweroff", "store": "{nonce}"}}}}}}"#
     ));
     let boot = || {
-        let out = wait_with_guard(flake.nvmm_in(&ns, &["-v", "boot", "server"]).spawn().unwrap());
+        let out = wait_with_guard(
+            flake
+                .nvmm_in(&ns, &["-v", "boot", "server"])
+                .spawn()
+                .unwrap(),
+        );
         ok(&out);
         assert!(out.stdout.contains("poweroff via acpi"), "{out:?}");
         out

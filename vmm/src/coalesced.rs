@@ -88,7 +88,14 @@ impl CoalescedRing {
         // SAFETY: `first` (offset 0) and `last` (offset 4) are aligned u32s inside the mapped
         // page, which lives as long as `self`; the kernel updates them concurrently, which is
         // why they are only accessed atomically.
-        unsafe { &*self.page.as_ptr().cast::<u8>().add(offset).cast::<AtomicU32>() }
+        unsafe {
+            &*self
+                .page
+                .as_ptr()
+                .cast::<u8>()
+                .add(offset)
+                .cast::<AtomicU32>()
+        }
     }
 
     /// Replays every queued write, oldest first: `write(port_or_address, is_pio, data)`.
@@ -323,7 +330,10 @@ mod tests {
         ring.push(0x3f8, b"A");
         // SAFETY: entry 0 is inside the page; a length no entry has.
         unsafe { (*(*ring.page.as_ptr()).coalesced_mmio.as_mut_ptr()).len = 1000 };
-        assert_eq!(drained(&mut ring), vec![(0x3f8, true, b"A\0\0\0\0\0\0\0".to_vec())]);
+        assert_eq!(
+            drained(&mut ring),
+            vec![(0x3f8, true, b"A\0\0\0\0\0\0\0".to_vec())]
+        );
 
         ring.index(0).store(ring.capacity + 5, Ordering::Relaxed);
         ring.index(4).store(3, Ordering::Relaxed);

@@ -369,7 +369,13 @@ fn configure_vcpus(
         .map_err(|e| KvmError::Setup("read the supported CPUID", e))?;
     let mut vcpus = Vec::with_capacity(fds.len());
     for (index, fd) in (0u8..).zip(fds) {
-        let vcpu = Vcpu::new(fd, index, peripherals.clone(), coalesced.clone(), mem.clone());
+        let vcpu = Vcpu::new(
+            fd,
+            index,
+            peripherals.clone(),
+            coalesced.clone(),
+            mem.clone(),
+        );
         let cpuid = cpuid::vcpu_cpuid(&supported_cpuid, index, config.vcpus, config.cpuid);
         vcpu.configure(&cpuid)?;
         if index == 0 {
