@@ -11,9 +11,10 @@ Usage: bench/nix-boot.sh [-h] [-n N] [--nvmm PATH] [--guest PATH] [--only nvmm|q
 
 Boots configuration "server" of a temporary copy of the stand-in flake (tests/flakes/guests: no
 nixpkgs; its runner boots the test guest, scenario "poweroff", 32 MiB) and times, from spawn:
-  A     nix alone: `nix eval --json --impure --expr E` then `nix build --no-link --json DRV`,
-        where E is the expression nvmm evaluates (cli/src/nix.rs, runner_expression) with the
-        guest module nvmm wrote; spawn of the eval -> exit of the build
+  A     nix alone, the least it does to hand over a built runner: one `nix build --no-link
+        --json --impure --expr E`, where E is the runner of the expression nvmm evaluates
+        (cli/src/nix.rs, runner_expression) with the guest module nvmm wrote; spawn -> exit
+        (nvmm's own nix call is one `nix eval` on a warm store, which checks the runner)
   B     `nvmm boot server`: -> exit (the guest powers off at once), and -> the guest's first
         line ("nvmm-test: boot protocol=") on stdout
   B-v   the same with -v, whose log lines (timestamped on arrival) show where B's time goes
@@ -102,9 +103,9 @@ GUEST_LINE = "nvmm-test: boot protocol="
 NIX = ["nix", "--extra-experimental-features", "nix-command flakes"]
 # Steps of `nvmm -v boot`, by the first line (stream, text) that shows each is done.
 BOOT_STEPS = [
-    ("started (nix --version done)", "stderr", "nvmm: evaluating "),
-    ("nix eval done", "stderr", "nvmm: building "),
-    ("nix build done, network joined", "stderr", "joined network"),
+    ("started", "stderr", "nvmm: evaluating "),
+    ("nix eval done (runner already built)", "stderr", "server already built"),
+    ("network joined", "stderr", "joined network"),
     ("disks, seed and VM set up", "stderr", "nvmm_vmm] booting "),
     ("guest's first line", "stdout", GUEST_LINE),
     ("guest powered off", "stderr", "ACPI S5"),
@@ -172,8 +173,9 @@ def nix_string(text):
     return '"' + out.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t") + '"'
 
 
-def runner_expression(flake, names, module):
-    """The expression `nvmm boot` evaluates (cli/src/nix.rs, runner_expression)."""
+def runner_expression(flake, name, module):
+    """The runner of `name`, as the expression `nvmm boot` evaluates finds it (cli/src/nix.rs,
+    runner_expression)."""
     return f"""let
   flake = builtins.getFlake {nix_string(flake)};
   module = /. + {nix_string(module)};
@@ -187,18 +189,15 @@ def runner_expression(flake, names, module):
         withModule =
           if system ? options && system.options ? nvmm then system
           else system.extendModules {{ modules = [ module ]; }};
-      in withModule.config.system.build.nvmm.drvPath;
-in map runner [ {' '.join(nix_string(n) for n in names)} ]"""
+      in withModule.config.system.build.nvmm;
+in runner {nix_string(name)}"""
 
 
 def nix_alone():
-    """A: nvmm's two nix calls; returns (seconds, runner directory)."""
+    """A: one nix build of the runner; returns (seconds, runner directory)."""
     t0 = time.monotonic()
-    out, _, _ = run(NIX + ["eval", "--json", "--impure", "--expr", EXPR], "nix eval")
-    drv = json.loads(out)[0]
-    # As nvmm does: Nix 2.13 made `DRV^*` the way to name a derivation's outputs.
-    installable = f"{drv}^*" if NIX_VERSION >= (2, 13) else drv
-    out, _, _ = run(NIX + ["build", "--no-link", "--json", installable], "nix build")
+    out, _, _ = run(NIX + ["build", "--no-link", "--json", "--impure", "--expr", EXPR],
+                    "nix build")
     return time.monotonic() - t0, json.loads(out)[0]["outputs"]["out"]
 
 
@@ -244,7 +243,6 @@ def pct(values, q):
 
 
 version_text = subprocess.run(["nix", "--version"], capture_output=True, text=True).stdout
-NIX_VERSION = tuple(int(x) for x in re.search(r"(\d+)\.(\d+)", version_text).groups())
 
 # Warm-up: the first nvmm boot writes the guest module (whose path the expression names), the
 # ssh keys and the network state, and puts the flake and the runner in the store.
@@ -254,7 +252,7 @@ if len(modules) != 1:
     sys.exit("bench/nix-boot.sh: expected one guest module under "
              f"{STATE}/guest-module after the first boot, found {modules} (an nvmm built with "
              "NVMM_GUEST_MODULE uses its installed copy; this harness does not know where)")
-EXPR = runner_expression(FLAKE, ["server"], modules[0])
+EXPR = runner_expression(FLAKE, "server", modules[0])
 _, runner = nix_alone()
 # The check that A builds what nvmm boots: the same runner directory.
 run([nvmm, "-v", "boot", "server"], "nvmm boot",
@@ -277,7 +275,7 @@ def figures(name, metric):
     return {"p50": pct(values, 50), "p90": pct(values, 90), "samples": values}
 
 
-ROWS = [("A", "exit", "nix eval + nix build"),
+ROWS = [("A", "exit", "nix build"),
         ("B", "exit", "nvmm boot -> exit"),
         ("B", "guest_line", "nvmm boot -> guest line"),
         ("B-v", "exit", "nvmm -v boot -> exit"),
@@ -305,7 +303,7 @@ if "B" in names:
     print(f"overhead B - A (p50): {overhead:.1f} ms, target <= {TARGET_MS:.0f} ms: "
           f"{'met' if overhead <= TARGET_MS else 'MISSED'}")
     print(f"  of which the VM itself (C, p50) {vm:.1f} ms; the rest {overhead - vm:.1f} ms "
-          "(nix --version, network, disks, seed, teardown)")
+          "(network, disks, seed, teardown)")
     steps, previous = {}, [0.0] * runs
     print("where nvmm boot's time goes (B-v, p50 ms; each step from the one before):")
     for label, *_ in BOOT_STEPS + [("exit", None, None)]:

@@ -174,7 +174,7 @@ def up16_rows(r):
 
 def nix_boot_rows(r):
     ms = r["ms"]
-    return [row("nix-boot", "boot_overhead", "`nvmm boot` beyond nix eval + build, p50", "ms",
+    return [row("nix-boot", "boot_overhead", "`nvmm boot` beyond `nix build`, p50", "ms",
                 ms["B"]["exit"]["p50"] - ms["A"]["exit"]["p50"],
                 ms["peer"]["exit"]["p50"] - ms["A"]["exit"]["p50"],
                 checks=[(f"≤ {r['target_overhead_ms']:.0f} ms",

@@ -20,6 +20,11 @@ then parks in cli; hlt, which costs the host no CPU), MIB of memory each, three 
         spawned one after another without waiting (no nix, no network, no disks)
   qemu  COUNT `qemu-system-x86_64 -M microvm -accel kvm` processes, spawned the same way, on
         the same guest ELF, scenario and memory (no network, no disks: the cheapest peer)
+All three guests get the kernel command line an `nvmm up` VM gets (its virtio-mmio devices
+included), read from the warm-up round's console: the test guest prints its command line over
+the serial port, a trapped write per byte, so a shorter one would be less guest work. `run`
+passes the part after nvmm's default with --cmdline, QEMU all of it with -append; the warm-ups
+check that each guest printed the same line. (With --only qemu: nvmm_test=halt alone.)
 and measures, from the first spawn:
   all at marker   until every VM's console holds "nvmm-test: halting with interrupts off"
                   (up: NVMM_RUNTIME_DIR/vms/NAME/console.log; run, qemu: each one's stdout in
@@ -32,8 +37,9 @@ and measures, from the first spawn:
                   after the previous round): at that sample, and its largest drop in between
                   (polled with the markers; up: includes nix's own memory); noisier than the
                   sums, as it counts everything else the host does meanwhile
-Where `nvmm up`'s time goes comes from its stderr lines ("nvmm: evaluating", "nvmm: building",
-"nvmm: NAME runs in the background"), each timestamped on arrival, and from when each VM's
+Where `nvmm up`'s time goes comes from its stderr lines ("nvmm: evaluating", "nvmm: building"
+or "nvmm: NAMES already built", "nvmm: NAME runs in the background"), each timestamped on
+arrival, and from when each VM's
 directory appears (its daemon is being forked).
 All run N rounds, alternating, after one discarded warm-up each (the warm-up `nvmm up` also
 writes the guest module, the ssh keys and the network state, and puts the runners in the
@@ -134,13 +140,32 @@ POLL_S, SETTLE_S, GONE_S = 0.005, 0.2, 10.0
 QUIET_KIB, QUIET_S, QUIET_MAX_S = 1024, 1.0, 15.0
 TIMEOUT_S = 60.0 + 5.0 * count
 READY = re.compile(r"^nvmm: (\S+) runs in the background")
-QEMU = ["qemu-system-x86_64", "-M", "microvm", "-accel", "kvm", "-m", str(mem), "-nodefaults",
-        "-no-user-config", "-display", "none", "-no-reboot", "-kernel", guest,
-        "-append", f"nvmm_test={SCENARIO}", "-serial", "stdio"]
+EVALUATED = re.compile(r"^nvmm: (building |.* already built$)")
+CMDLINE = re.compile(rb'nvmm-test: cmdline="([^"]*)"')
+# The kernel command line of every guest (see -h): until the warm-up `nvmm up` shows its own,
+# the scenario alone; the part `nvmm run` adds to its default.
+guest_cmdline = {"full": f"nvmm_test={SCENARIO}", "run": f"nvmm_test={SCENARIO}"}
 
 
 class Failure(Exception):
     """A round that did not do what it should: the harness stops, with the details."""
+
+
+def printed_cmdline(path):
+    """The command line the test guest printed in the console output at path (its escapes
+    undone)."""
+    with open(path, "rb") as f:
+        m = CMDLINE.search(f.read())
+    if not m:
+        raise Failure(f"{path}: the guest printed no command line")
+    return re.sub(rb"\\x([0-9a-f]{2})", lambda x: bytes([int(x.group(1), 16)]),
+                  m.group(1)).decode()
+
+
+def qemu_argv():
+    return ["qemu-system-x86_64", "-M", "microvm", "-accel", "kvm", "-m", str(mem),
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-kernel", guest, "-append", guest_cmdline["full"], "-serial", "stdio"]
 
 
 def spawn_name(kind, i):
@@ -302,9 +327,10 @@ def round_up():
                 for line in (d.decode(errors="replace") for d in done):
                     if name != "stderr":
                         continue
-                    for key in ("evaluating", "building"):
-                        if line.startswith(f"nvmm: {key} "):
-                            lines.setdefault(key, now)
+                    if line.startswith("nvmm: evaluating "):
+                        lines.setdefault("evaluating", now)
+                    if EVALUATED.match(line):
+                        lines.setdefault("evaluated", now)
                     if m := READY.match(line):
                         ready.setdefault(m.group(1), now)
             for n, d in vm_dirs.items():
@@ -321,7 +347,7 @@ def round_up():
         if p.poll() is None:
             p.kill()
         p.wait()
-    missing = [k for k in ("evaluating", "building") if k not in lines]
+    missing = [k for k in ("evaluating", "evaluated") if k not in lines]
     missing += [f"{n} runs in the background" for n in NAMES if n not in ready]
     if missing:
         raise Failure(f"nvmm up never printed {missing}\n  output:\n{output()}")
@@ -333,7 +359,7 @@ def round_up():
     pids = [e["pid"] for e in entries]
     result = {"all_markers": max(markers.at.values()), "first_marker": min(markers.at.values()),
               "returned": exited, "evaluating": lines["evaluating"],
-              "building": lines["building"], "first_start": min(started.values()),
+              "evaluated": lines["evaluated"], "first_start": min(started.values()),
               "last_start": max(started.values()), "last_ready": max(ready.values()),
               "start_to_ready": [ready[n] - started[n] for n in NAMES],
               "vm_forked": [started[n] for n in NAMES], "vm_ready": [ready[n] for n in NAMES],
@@ -351,6 +377,7 @@ def round_up():
         time.sleep(POLL_S)
     if left := ps_json():
         raise Failure(f"nvmm ps after down: {left}")
+    result["cmdline"] = printed_cmdline(os.path.join(vm_dirs[NAMES[0]], "console.log"))
     for d in vm_dirs.values():  # console.log is appended to: the next round starts afresh
         shutil.rmtree(d)
     return result
@@ -368,9 +395,9 @@ def round_processes(kind):
     t0 = time.monotonic()
     try:
         for i, log in enumerate(logs):
-            argv = QEMU if kind == "qemu" else [
+            argv = qemu_argv() if kind == "qemu" else [
                 nvmm, "run", "--kernel", guest, "--mem", str(mem), "--cmdline",
-                f"nvmm_test={SCENARIO}", "--name", spawn_name(kind, i)]
+                guest_cmdline["run"], "--name", spawn_name(kind, i)]
             with open(log, "wb") as out:
                 procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
                                               stderr=subprocess.STDOUT))
@@ -390,7 +417,8 @@ def round_processes(kind):
             if now > TIMEOUT_S:
                 raise Failure(f"{kind}: not all at the marker within {TIMEOUT_S:.0f} s")
         return {"all_markers": max(markers.at.values()), "first_marker": min(markers.at.values()),
-                "returned": spawned, **memory_figures([proc.pid for proc in procs], low)}
+                "returned": spawned, **memory_figures([proc.pid for proc in procs], low),
+                "cmdline": printed_cmdline(logs[0])}
     finally:
         markers.close()
         for proc in procs:
@@ -423,12 +451,24 @@ def main():
     rounds = {"up": round_up, "run": lambda: round_processes("run"),
               "qemu": lambda: round_processes("qemu")}
     names = {"": ["up", "run", "qemu"], "nvmm": ["up", "run"], "qemu": ["qemu"]}[only]
-    for name in names:  # discarded: nix's store and eval cache, ssh keys, page cache
-        rounds[name]()
+    warm = {name: rounds[name]() for name in names}  # discarded: nix's store and eval
+    # cache, ssh keys, page cache; and the command lines (see -h)
+    if "up" in warm:
+        full, default = warm["up"]["cmdline"], warm["run"]["cmdline"]
+        prefix = default.removesuffix(guest_cmdline["run"])
+        if prefix == default or not full.startswith(prefix):
+            raise Failure(f"nvmm run's guest printed {default!r}, nvmm up's {full!r}: cannot "
+                          "tell nvmm's default part")
+        guest_cmdline.update(full=full, run=full[len(prefix):])
+        for name in names[1:]:
+            rounds[name]()
     samples = {name: [] for name in names}
     for i in range(runs):
         for name in names[i % len(names):] + names[:i % len(names)]:
             samples[name].append(rounds[name]())
+    for name in names:
+        if printed := {s["cmdline"] for s in samples[name]} - {guest_cmdline["full"]}:
+            raise Failure(f"{name}'s guests printed {printed}, not {guest_cmdline['full']!r}")
     report(names, samples)
 
 
@@ -436,7 +476,8 @@ def report(names, samples):
     version = "" if only == "qemu" else subprocess.run(
         ["nix", "--version"], capture_output=True, text=True).stdout.strip()
     result = {"runs": runs, "count": count, "mem_mib": mem, "scenario": SCENARIO,
-              "guest": guest, "nix": version, "figures": {}}
+              "guest": guest, "nix": version, "guest_cmdline": guest_cmdline["full"],
+              "figures": {}}
     rows = [("all_markers", "ms", f"all {count} at marker"),
             ("first_marker", "ms", "first at marker"),
             ("returned", "ms", "command returned"),
@@ -455,6 +496,7 @@ def report(names, samples):
     print(f"up16 benchmark: {count} VMs at once, {mem} MiB each, scenario {SCENARIO}; "
           f"{runs} rounds each, alternating, after one discarded warm-up; guest {guest}"
           + (f"; {version}" if version else ""))
+    print(f"every guest's kernel command line: {guest_cmdline['full']}")
     print(f"{'p50':30}" + "".join(f"{n:>10}" for n in names)
           + "".join(f"{a + '/' + b:>10}" for a, b in ratios))
     for metric, unit, label in rows:
@@ -484,9 +526,9 @@ def report_up(up, result):
 
     steps = [
         ("nvmm's start (-> \"evaluating\")", lambda s: s["evaluating"]),
-        ("nix eval: the names and their runners", lambda s: s["building"] - s["evaluating"]),
-        ("nix build, network reserved (-> 1st VM forked)",
-         lambda s: s["first_start"] - s["building"]),
+        ("nix eval: names, runners, built?", lambda s: s["evaluated"] - s["evaluating"]),
+        ("nix build if any, network joined (-> 1st VM forked)",
+         lambda s: s["first_start"] - s["evaluated"]),
         (f"{count} VMs started one after another", lambda s: s["last_ready"] - s["first_start"]),
         ("last ready -> all at marker", lambda s: s["all_markers"] - s["last_ready"]),
         ("last ready -> nvmm up returned", lambda s: s["returned"] - s["last_ready"]),
@@ -512,7 +554,7 @@ def report_up(up, result):
     # Each round's events in ms since the spawn, per VM where there is one per VM.
     result["up_rounds_ms"] = [
         {k: [x * 1e3 for x in v] if isinstance(v, list) else v * 1e3
-         for k, v in s.items() if not k.endswith("_mib")} for s in up]
+         for k, v in s.items() if not k.endswith("_mib") and k != "cmdline"} for s in up]
     result["up_per_vm_ms"] = {"fork_to_ready_p50": each, "between_forks_p50": gap,
                               "before_first_fork_p50": nix, "first_fork_to_marker_p50": first,
                               "down_force_p50": down}
