@@ -268,6 +268,24 @@ fn halted_guest_does_not_spin_and_sigterm_stops_cleanly() {
     assert!(!out.stderr.contains("error"), "{out:?}");
 }
 
+#[test]
+fn serial_output_that_no_exit_follows_still_arrives() {
+    if !kvm_or_skip("serial late") {
+        return;
+    }
+    let mut child = guest_command("nvmm_test=serial_late", &[])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    // Queued by KVM with no exit after it: only nvmm's replay timer hands it over.
+    read_until(&mut stdout, "serial_late: written after the quiet\r\n");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 fn child_with_stdout(
     mut child: std::process::Child,
     stdout: std::process::ChildStdout,

@@ -27,6 +27,7 @@ pub fn run(boot: &BootInfo) -> ! {
         b"reset" => reset(),
         b"port80" => port80(),
         b"halt" => halt(),
+        b"serial_late" => serial_late(),
         b"wait" => wait(),
         b"triplefault" => triplefault(),
         b"blk" => blk_scenarios::blk(boot),
@@ -209,6 +210,16 @@ fn wait() -> Outcome {
     }
     say!("ctrl-alt-del: shutting down");
     Ok(())
+}
+
+/// A line written long after the guest's last VM exit, without reading the
+/// line status, then a halt: nothing the guest does afterwards would make the
+/// VMM look at writes it has queued (coalesced) and not yet handed over.
+fn serial_late() -> ! {
+    say!("serial_late: quiet for 200 ms");
+    crate::time::delay_us(200_000);
+    crate::serial::write_blind(b"nvmm-test: serial_late: written after the quiet\r\n");
+    halt_forever()
 }
 
 fn halt() -> ! {

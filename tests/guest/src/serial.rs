@@ -51,6 +51,15 @@ pub fn write_byte(byte: u8) {
     unsafe { outb(COM1 + REG_DATA, byte) };
 }
 
+/// Sends bytes without looking at the line status first, as a guest that trusts
+/// the FIFO to have room does: no read, so no VM exit of its own.
+pub fn write_blind(bytes: &[u8]) {
+    for &byte in bytes {
+        // SAFETY: writing the transmit register only sends the byte.
+        unsafe { outb(COM1 + REG_DATA, byte) };
+    }
+}
+
 /// Waits for and returns one received byte.
 pub fn read_byte() -> u8 {
     // SAFETY: reading COM1's line status has no side effect.
