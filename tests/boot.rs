@@ -286,6 +286,27 @@ fn serial_output_that_no_exit_follows_still_arrives() {
     child.wait().unwrap();
 }
 
+#[test]
+fn interrupt_driven_serial_output_arrives_whole() {
+    if !kvm_or_skip("serial irq tx") {
+        return;
+    }
+    let out = run(guest_command("nvmm_test=serial_irq_tx", &[]));
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    // Each burst waits for the interrupt that only the replay of the one before raises.
+    let lines: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("nvmm-test: serial_irq_tx line "))
+        .collect();
+    let expected: Vec<String> = (0..60)
+        .map(|n| format!("nvmm-test: serial_irq_tx line {n:02} abcdefghijklmnopqrstuvwxyz"))
+        .collect();
+    assert_eq!(lines, expected, "{out:?}");
+    assert!(out.stdout.contains("serial_irq_tx: done bytes="), "{out:?}");
+    assert!(out.stdout.contains("result=ok"), "{out:?}");
+}
+
 fn child_with_stdout(
     mut child: std::process::Child,
     stdout: std::process::ChildStdout,

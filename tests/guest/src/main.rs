@@ -30,6 +30,7 @@ mod net_scenarios;
 mod net_stack;
 mod power;
 mod scenarios;
+mod serial_irq;
 mod smp;
 mod time;
 mod virtio_mmio;

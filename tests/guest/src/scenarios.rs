@@ -28,6 +28,7 @@ pub fn run(boot: &BootInfo) -> ! {
         b"port80" => port80(),
         b"halt" => halt(),
         b"serial_late" => serial_late(),
+        b"serial_irq_tx" => crate::serial_irq::serial_irq_tx(),
         b"wait" => wait(),
         b"triplefault" => triplefault(),
         b"blk" => blk_scenarios::blk(boot),
