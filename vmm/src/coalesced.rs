@@ -11,9 +11,9 @@
 //!
 //! A guest that writes and then goes quiet makes no exit that would replay its last writes,
 //! and one that waits for the UART's transmit interrupt waits for its writes to be seen. So
-//! the event loop replays the ring on a timer too: soon after every exit (a polling driver
-//! writes right after its status read) and while writes keep coming or the UART's transmit
-//! interrupt is enabled (Linux enables it only while it has output queued); otherwise, as a
+//! the event loop replays the ring on a timer too: soon after every exit at the UART (a
+//! polling driver writes right after its status read) and while writes keep coming or the
+//! UART's transmit interrupt is enabled (Linux enables it only while it has output queued); otherwise, as a
 //! backstop for a guest that writes without reading first, every 50 ms.
 
 use std::os::fd::AsRawFd;
@@ -186,11 +186,12 @@ impl CoalescedWrites {
         self.replay();
     }
 
-    /// A vCPU exited: replays what the guest queued before the exit, and has the timer
-    /// replay soon what it may queue right after.
-    pub fn on_exit(&self) {
-        self.replay();
-        if !self.soon.swap(true, Ordering::AcqRel) {
+    /// A vCPU exited: replays what the guest queued before the exit. If the exit was at the
+    /// UART (a polling driver's status read) or writes were queued, the timer replays soon
+    /// what the guest may queue right after.
+    pub fn on_exit(&self, at_uart: bool) {
+        let replayed = self.replay();
+        if (at_uart || replayed > 0) && !self.soon.swap(true, Ordering::AcqRel) {
             self.set_timer(REPLAY_SOON);
         }
     }
