@@ -11,10 +11,12 @@
 //!
 //! A guest that writes and then goes quiet makes no exit that would replay its last writes,
 //! and one that waits for the UART's transmit interrupt waits for its writes to be seen. So
-//! the event loop replays the ring on a timer too: soon after every exit at the UART (a
-//! polling driver writes right after its status read) and while writes keep coming or the
-//! UART's transmit interrupt is enabled (Linux enables it only while it has output queued); otherwise, as a
-//! backstop for a guest that writes without reading first, every 50 ms.
+//! the event loop replays the ring on a timer too: 1 ms after an exit at the UART (a polling
+//! driver writes right after its status read; its next read replays the rest, so the timer
+//! only matters once output stops), every 250 µs while the UART's transmit interrupt is
+//! enabled (Linux enables it only while it has output queued, and waits for the interrupt
+//! that the replayed write raises), and otherwise every 50 ms, as a backstop for a guest that
+//! writes without reading first.
 
 use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
@@ -29,9 +31,11 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::vcpu::Peripherals;
 
-/// How soon queued writes are replayed after an exit, or while they keep coming: a 16-byte
-/// transmit FIFO per period is 64 KiB/s, faster than a real 115200-baud line.
-const REPLAY_SOON: Duration = Duration::from_micros(250);
+/// How soon queued writes are replayed while the guest waits for the transmit interrupt: a
+/// 16-byte transmit FIFO per period is 64 KiB/s, faster than a real 115200-baud line.
+const REPLAY_FOR_INTERRUPT: Duration = Duration::from_micros(250);
+/// How soon writes queued after an exit at the UART are replayed if no exit comes first.
+const REPLAY_AFTER_EXIT: Duration = Duration::from_millis(1);
 /// How late a write that no exit follows is replayed at worst.
 const REPLAY_BACKSTOP: Duration = Duration::from_millis(50);
 
@@ -135,7 +139,7 @@ pub struct CoalescedWrites {
     ring: Mutex<CoalescedRing>,
     io: Peripherals,
     timer: Mutex<TimerFd>,
-    /// The timer is set to [`REPLAY_SOON`] and has not fired yet.
+    /// The timer is set to replay soon (not the backstop) and has not fired yet.
     soon: AtomicBool,
     /// The UART's transmit interrupt is enabled: the guest may wait for its writes to be seen.
     transmit_interrupt: Arc<AtomicBool>,
@@ -187,23 +191,27 @@ impl CoalescedWrites {
     }
 
     /// A vCPU exited: replays what the guest queued before the exit. If the exit was at the
-    /// UART (a polling driver's status read) or writes were queued, the timer replays soon
-    /// what the guest may queue right after.
+    /// UART (a polling driver's status read) or writes were queued, sets the timer to replay
+    /// soon what the guest may queue right after.
     pub fn on_exit(&self, at_uart: bool) {
         let replayed = self.replay();
         if (at_uart || replayed > 0) && !self.soon.swap(true, Ordering::AcqRel) {
-            self.set_timer(REPLAY_SOON);
+            self.set_timer(match self.transmit_interrupt.load(Ordering::Acquire) {
+                true => REPLAY_FOR_INTERRUPT,
+                false => REPLAY_AFTER_EXIT,
+            });
         }
     }
 
-    /// The timer fired: replays, and sets it again, soon while output is flowing.
+    /// The timer fired: replays, and sets it again: soon while the guest waits for the
+    /// transmit interrupt, else the backstop.
     fn on_timer(&self) {
         self.soon.store(false, Ordering::Release);
-        let flowing = self.replay() > 0 || self.transmit_interrupt.load(Ordering::Acquire);
-        if !flowing {
+        self.replay();
+        if !self.transmit_interrupt.load(Ordering::Acquire) {
             self.set_timer(REPLAY_BACKSTOP);
         } else if !self.soon.swap(true, Ordering::AcqRel) {
-            self.set_timer(REPLAY_SOON);
+            self.set_timer(REPLAY_FOR_INTERRUPT);
         }
     }
 
