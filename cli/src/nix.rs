@@ -632,6 +632,8 @@ fn relay_progress(stderr: &mut impl Read) -> io::Result<String> {
 fn is_noise(line: &str) -> bool {
     // nvmm builds with --no-link on purpose: the VM holds the files it needs open.
     line.starts_with("warning: you did not specify '--add-root'")
+        // Another nix process holds the store's database; nix waits and retries by itself.
+        || (line.starts_with("warning: error: SQLite database") && line.contains("is busy"))
 }
 
 /// At most [`MAX_MESSAGE_LINES`] lines, without trailing blank ones, and without nix's
@@ -881,6 +883,7 @@ mod tests {
     fn progress_is_relayed_and_the_error_kept() {
         let output = "building '/nix/store/a.drv'...\n\
                       warning: you did not specify '--add-root'; the result might be removed\n\
+                      warning: error: SQLite database '/nix/var/nix/db/db.sqlite' is busy\n\
                       \x1b[31;1merror:\x1b[0m builder for '/nix/store/abc-x.drv' failed with exit code 3;\n       \
                       last 1 log lines:\n       > failing\n";
         let error = relay_progress(&mut output.as_bytes()).unwrap();
@@ -890,6 +893,18 @@ mod tests {
             failed_derivation(&error).as_deref(),
             Some("/nix/store/abc-x.drv")
         );
+    }
+
+    #[test]
+    fn nix_retry_notices_are_not_relayed() {
+        assert!(is_noise(
+            "warning: error: SQLite database '/nix/var/nix/db/db.sqlite' is busy"
+        ));
+        assert!(is_noise(
+            "warning: you did not specify '--add-root'; the result might be removed"
+        ));
+        assert!(!is_noise("warning: Git tree '/src' is dirty"));
+        assert!(!is_noise("building '/nix/store/a.drv'..."));
     }
 
     #[test]
