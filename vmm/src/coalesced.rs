@@ -88,10 +88,11 @@ impl CoalescedRing {
         })
     }
 
+    /// The ring's `first` (the consumer's, ours) or `last` (the kernel's) index.
     fn index(&self, offset: usize) -> &AtomicU32 {
-        // SAFETY: `first` (offset 0) and `last` (offset 4) are aligned u32s inside the mapped
-        // page, which lives as long as `self`; the kernel updates them concurrently, which is
-        // why they are only accessed atomically.
+        // SAFETY: both indices are aligned u32s at the start of the mapped page, which lives as
+        // long as `self`; the kernel updates them concurrently, which is why they are only
+        // accessed atomically.
         unsafe {
             &*self
                 .page
@@ -102,10 +103,18 @@ impl CoalescedRing {
         }
     }
 
+    fn first(&self) -> &AtomicU32 {
+        self.index(std::mem::offset_of!(kvm_coalesced_mmio_ring, first))
+    }
+
+    fn last(&self) -> &AtomicU32 {
+        self.index(std::mem::offset_of!(kvm_coalesced_mmio_ring, last))
+    }
+
     /// Replays every queued write, oldest first: `write(port_or_address, is_pio, data)`.
     /// Returns how many there were.
     pub fn drain(&mut self, mut write: impl FnMut(u64, bool, &[u8])) -> usize {
-        let (first, last) = (self.index(0), self.index(4));
+        let (first, last) = (self.first(), self.last());
         let mut replayed = 0;
         loop {
             let head = first.load(Ordering::Relaxed);
@@ -273,7 +282,7 @@ impl CoalescedRing {
 
     /// Queues a write as KVM does: the entry, then `last`.
     fn push(&self, port: u64, data: &[u8]) {
-        let last = self.index(4).load(Ordering::Relaxed);
+        let last = self.last().load(Ordering::Relaxed);
         let mut entry = kvm_coalesced_mmio {
             phys_addr: port,
             len: data.len() as u32,
@@ -289,7 +298,7 @@ impl CoalescedRing {
                 .add(last as usize)
                 .write(entry)
         };
-        self.index(4)
+        self.last()
             .store((last + 1) % self.capacity, Ordering::Release);
     }
 }
@@ -344,8 +353,8 @@ mod tests {
             vec![(0x3f8, true, b"A\0\0\0\0\0\0\0".to_vec())]
         );
 
-        ring.index(0).store(ring.capacity + 5, Ordering::Relaxed);
-        ring.index(4).store(3, Ordering::Relaxed);
+        ring.first().store(ring.capacity + 5, Ordering::Relaxed);
+        ring.last().store(3, Ordering::Relaxed);
         assert!(drained(&mut ring).is_empty());
     }
 }
