@@ -408,13 +408,6 @@ impl Nix {
                 program: "nix eval".into(),
                 detail: e.to_string(),
             })?;
-        if evaluated.runners.is_empty() {
-            return Ok(Built {
-                configurations: evaluated.configurations,
-                runners: Vec::new(),
-            });
-        }
-
         // Runners the evaluation found built need no `nix build`: on a warm store, one nix
         // process in all.
         let (built, unbuilt): (Vec<&EvaluatedRunner>, Vec<&EvaluatedRunner>) =
@@ -423,29 +416,27 @@ impl Nix {
             let names: Vec<&str> = built.iter().map(|r| r.name.as_str()).collect();
             eprintln!("nvmm: {} already built", names.join(", "));
         }
-        let mut outputs: Vec<(&str, PathBuf)> = built
-            .iter()
-            .map(|r| (r.drv.as_str(), PathBuf::from(&r.out)))
-            .collect();
+        // One directory per unbuilt runner, in their order.
+        let mut fresh = Vec::new().into_iter();
         if !unbuilt.is_empty() {
             let derivations: Vec<String> = unbuilt.iter().map(|r| r.drv.clone()).collect();
             let names: Vec<&str> = unbuilt.iter().map(|r| r.name.as_str()).collect();
-            let dirs = self.build(&names.join(", "), &evaluated.nix_version, &derivations)?;
-            outputs.extend(unbuilt.iter().map(|r| r.drv.as_str()).zip(dirs));
+            fresh = self
+                .build(&names.join(", "), &evaluated.nix_version, &derivations)?
+                .into_iter();
         }
         let runners = evaluated
             .runners
-            .iter()
+            .into_iter()
             .map(|runner| {
-                let dir = outputs
-                    .iter()
-                    .find(|(drv, _)| *drv == runner.drv)
-                    .map(|(_, dir)| dir.clone())
-                    .ok_or_else(|| NixError::UnexpectedOutput {
+                let dir = match runner.realised {
+                    true => PathBuf::from(runner.out),
+                    false => fresh.next().ok_or_else(|| NixError::UnexpectedOutput {
                         program: "nix build".into(),
                         detail: format!("no output for {}", runner.drv),
-                    })?;
-                Ok((runner.name.clone(), dir))
+                    })?,
+                };
+                Ok((runner.name, dir))
             })
             .collect::<Result<_, NixError>>()?;
         Ok(Built {
@@ -716,8 +707,8 @@ fn runners_in_order(stdout: &str, derivations: &[String]) -> Result<Vec<PathBuf>
 
 /// The `nix eval` expression: nix's version, the flake's configuration names, and the
 /// runner derivation of each selected name, in order, with its output and whether that is
-/// built. A configuration that already imports
-/// the guest module (by hand) is used as it is; the others get it through `extendModules`.
+/// built. A configuration that already imports the guest module (by hand) is used as it is;
+/// the others get it through `extendModules`.
 fn runner_expression(flake: &FlakeRef, selection: Selection<'_>, module: &Path) -> String {
     let list = |names: &[String]| {
         let quoted: Vec<String> = names.iter().map(|name| nix_string(name)).collect();
