@@ -26,10 +26,14 @@ use std::time::Duration;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use kvm_bindings::{KVM_COALESCED_MMIO_PAGE_OFFSET, kvm_coalesced_mmio, kvm_coalesced_mmio_ring};
-use kvm_ioctls::VcpuFd;
+use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::timerfd::TimerFd;
 
+use crate::layout::ports::{COM1, COM1_LEN};
 use crate::vcpu::Peripherals;
+
+/// The UART's registers: an exit there may be a polling driver about to write.
+const UART: std::ops::Range<u64> = COM1..COM1 + COM1_LEN;
 
 /// How soon queued writes are replayed while the guest waits for the transmit interrupt: a
 /// 16-byte transmit FIFO per period is 64 KiB/s, faster than a real 115200-baud line.
@@ -180,8 +184,9 @@ impl CoalescedWrites {
         Ok(writes)
     }
 
-    /// Hands the queued writes to the buses, oldest first; returns how many there were.
-    fn replay(&self) -> usize {
+    /// Hands the queued writes to the buses, oldest first; returns how many there were. Also
+    /// called before output that must not overtake them.
+    pub fn replay(&self) -> usize {
         // Devices are written with the ring locked, so that no other thread's later replay
         // reaches a device first. A poisoned lock only means a thread panicked mid-replay;
         // the ring's indices are still KVM's.
@@ -194,15 +199,16 @@ impl CoalescedWrites {
             })
     }
 
-    /// Replays what the guest has queued so far: before output that must not overtake it.
-    pub fn flush(&self) {
-        self.replay();
-    }
-
     /// A vCPU exited: replays what the guest queued before the exit. If the exit was at the
     /// UART (a polling driver's status read) or writes were queued, sets the timer to replay
     /// soon what the guest may queue right after.
-    pub fn on_exit(&self, at_uart: bool) {
+    pub fn on_exit(&self, exit: &Result<VcpuExit<'_>, kvm_ioctls::Error>) {
+        let at_uart = match exit {
+            Ok(VcpuExit::IoIn(port, _)) | Ok(VcpuExit::IoOut(port, _)) => {
+                UART.contains(&u64::from(*port))
+            }
+            _ => false,
+        };
         let replayed = self.replay();
         if (at_uart || replayed > 0) && !self.soon.swap(true, Ordering::AcqRel) {
             self.set_timer(match self.transmit_interrupt.load(Ordering::Acquire) {

@@ -136,7 +136,7 @@ pub fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, KvmError> {
 /// Has KVM queue the guest's writes to the UART's data register instead of exiting for each
 /// (see coalesced.rs); the ring they queue in, mapped through `vcpu`. None where KVM cannot:
 /// the writes then exit as any other.
-pub fn coalesce_serial_output(kvm: &Kvm, vm: &VmFd, vcpu: &VcpuFd) -> Option<CoalescedRing> {
+pub fn coalesced_serial_ring(kvm: &Kvm, vm: &VmFd, vcpu: &VcpuFd) -> Option<CoalescedRing> {
     if !kvm.check_extension(Cap::CoalescedPio) {
         return None;
     }

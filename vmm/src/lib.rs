@@ -323,7 +323,7 @@ struct SerialFirst {
 impl std::io::Write for SerialFirst {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         if let Some(writes) = self.serial.get() {
-            writes.flush();
+            writes.replay();
         }
         self.output.write(buf)
     }
@@ -342,7 +342,7 @@ fn coalesce_serial_output(
     peripherals: &Peripherals,
     events: &mut DeviceEvents,
 ) -> Result<Option<Arc<CoalescedWrites>>, Error> {
-    let Some(ring) = kvm::coalesce_serial_output(kvm, vm, vcpu) else {
+    let Some(ring) = kvm::coalesced_serial_ring(kvm, vm, vcpu) else {
         return Ok(None);
     };
     let transmit_interrupt = lock(&events.serial).transmit_interrupt();

@@ -316,14 +316,7 @@ impl Vcpu {
             let exit = self.fd.run();
             // The guest made the queued writes before this exit: the devices see them first.
             if let Some(writes) = &self.coalesced {
-                let uart = layout::ports::COM1..layout::ports::COM1 + layout::ports::COM1_LEN;
-                let at_uart = match &exit {
-                    Ok(VcpuExit::IoIn(port, _)) | Ok(VcpuExit::IoOut(port, _)) => {
-                        uart.contains(&u64::from(*port))
-                    }
-                    _ => false,
-                };
-                writes.on_exit(at_uart);
+                writes.on_exit(&exit);
             }
             let step = handle_kvm_exit(&self.peripherals, self.index, exit);
             match step {
