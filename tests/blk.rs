@@ -192,7 +192,7 @@ fn sigkill_during_guest_writes_leaves_the_base_image_untouched() {
     let base = Image::new("base", &random_bytes(128 * 1024, 3));
     let base_hash = base.hash();
     let overlay = Image::zeroed("overlay", 4096);
-    let mut child = guest_command(
+    let (mut child, mut stdout) = spawn_reading_stdout(guest_command(
         "nvmm_test=blkwrite write_sectors=1024",
         &[
             "--disk",
@@ -200,13 +200,7 @@ fn sigkill_during_guest_writes_leaves_the_base_image_untouched() {
             "--disk",
             overlay.path(),
         ],
-    )
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
+    ));
     read_until(&mut stdout, "blkwrite started");
     std::thread::sleep(Duration::from_millis(300));
     child.kill().unwrap();

@@ -273,13 +273,7 @@ fn serial_output_that_no_exit_follows_still_arrives() {
     if !kvm_or_skip("serial late") {
         return;
     }
-    let mut child = guest_command("nvmm_test=serial_late", &[])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
+    let (mut child, mut stdout) = spawn_reading_stdout(guest_command("nvmm_test=serial_late", &[]));
     // Queued by KVM with no exit after it: only nvmm's replay timer hands it over.
     read_until(&mut stdout, "serial_late: written after the quiet\r\n");
     child.kill().unwrap();

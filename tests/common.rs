@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// The no_std test guest built by cli/build.rs.
@@ -125,6 +125,19 @@ fn wait_with(mut child: Child, guard: Duration) -> Output {
         stdout: String::from_utf8_lossy(&stdout.join().expect("stdout reader")).into_owned(),
         stderr: String::from_utf8_lossy(&stderr.join().expect("stderr reader")).into_owned(),
     }
+}
+
+/// Starts `cmd` with stdin at EOF and its output piped; returns it with its stdout taken, for
+/// [`read_until`] while it runs.
+pub fn spawn_reading_stdout(mut cmd: Command) -> (Child, ChildStdout) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    (child, stdout)
 }
 
 /// Reads from `pipe` until `needle` appears (or panics after [`HANG_GUARD`]); returns all text.

@@ -61,27 +61,21 @@ fn host_and_guest_talk_tcp_and_icmp_over_a_tap() {
     let Some(ns) = namespace_with_tap("net tap") else {
         return;
     };
-    let mut child = ns
-        .command(NVMM)
-        .args([
-            "run",
-            "--kernel",
-            GUEST,
-            "--mem",
-            "64",
-            "--tap",
-            "tap0,mac=52:54:00:12:34:56",
-        ])
-        .args([
-            "--cmdline",
-            &format!("nvmm_test=net_echo nvmm_ip={GUEST_IP}/24 nvmm_gw={HOST_IP} echo_port=7"),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
+    let mut cmd = ns.command(NVMM);
+    cmd.args([
+        "run",
+        "--kernel",
+        GUEST,
+        "--mem",
+        "64",
+        "--tap",
+        "tap0,mac=52:54:00:12:34:56",
+    ])
+    .args([
+        "--cmdline",
+        &format!("nvmm_test=net_echo nvmm_ip={GUEST_IP}/24 nvmm_gw={HOST_IP} echo_port=7"),
+    ]);
+    let (mut child, mut stdout) = spawn_reading_stdout(cmd);
     let boot = read_until(&mut stdout, "net_echo listening port=7");
     assert!(boot.contains("mac=52:54:00:12:34:56"), "{boot}");
 

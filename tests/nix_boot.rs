@@ -130,13 +130,20 @@ fn a_built_runner_is_not_built_again_and_a_broken_one_is() {
     };
     let out = boot();
     assert!(out.stderr.contains("nvmm: building server"), "{out:?}");
-    let kernel = out
+    let runner = out
         .stderr
         .lines()
         .find_map(|l| l.split_once("] booting ")?.1.split_once("/kernel "))
         .expect("the booted kernel")
         .0
         .to_owned();
+    let delete_runner = || {
+        let deleted = std::process::Command::new("nix-store")
+            .args(["--delete", &runner])
+            .output()
+            .unwrap();
+        assert!(deleted.status.success(), "{deleted:?}");
+    };
 
     // Warm: the evaluation checks the runner, and no build follows.
     let out = boot();
@@ -145,24 +152,16 @@ fn a_built_runner_is_not_built_again_and_a_broken_one_is() {
 
     // A runner directory that is on disk but not valid in the store (a build that was cut
     // short, a half-finished garbage collection) is built again, not booted.
-    let deleted = std::process::Command::new("nix-store")
-        .args(["--delete", &kernel])
-        .output()
-        .unwrap();
-    assert!(deleted.status.success(), "{deleted:?}");
-    std::fs::create_dir(&kernel).unwrap();
-    std::fs::write(format!("{kernel}/nvmm.json"), "not a runner").unwrap();
+    delete_runner();
+    std::fs::create_dir(&runner).unwrap();
+    std::fs::write(format!("{runner}/nvmm.json"), "not a runner").unwrap();
     let out = boot();
     assert!(out.stderr.contains("nvmm: server already built"), "{out:?}");
-    let runner = std::fs::read_to_string(format!("{kernel}/nvmm.json")).unwrap();
-    assert!(runner.contains("\"kernel\""), "{runner}");
+    let description = std::fs::read_to_string(format!("{runner}/nvmm.json")).unwrap();
+    assert!(description.contains("\"kernel\""), "{description}");
 
     // Not on disk at all: one nix build, as the first time.
-    let deleted = std::process::Command::new("nix-store")
-        .args(["--delete", &kernel])
-        .output()
-        .unwrap();
-    assert!(deleted.status.success(), "{deleted:?}");
+    delete_runner();
     let out = boot();
     assert!(out.stderr.contains("nvmm: building server"), "{out:?}");
 }
