@@ -1168,6 +1168,21 @@ mod tests {
             self.join(&NetworkConfig::default(), vm).unwrap()
         }
 
+        /// `vms` joining the default network together, for this process.
+        pub(super) fn join_all(
+            &self,
+            vms: &[&str],
+        ) -> Result<(Network, Vec<Membership>), NetError> {
+            let names: Vec<String> = vms.iter().map(|vm| vm.to_string()).collect();
+            Network::join_all(
+                &NetworkConfig::default(),
+                &self.runtime(),
+                &self.state(),
+                &names,
+                std::process::id(),
+            )
+        }
+
         pub(super) fn member_file(&self, network: &str, vm: &str) -> PathBuf {
             NetworkPaths::new(&self.runtime(), &self.state(), network).member_file(vm)
         }

@@ -531,15 +531,7 @@ fn several_vms_join_at_once_and_their_processes_take_over() {
         "several_vms_join_at_once_and_their_processes_take_over",
         || {
             let dirs = Dirs::new("join-all");
-            let names: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
-            let (net, mut members) = Network::join_all(
-                &NetworkConfig::default(),
-                &dirs.runtime(),
-                &dirs.state(),
-                &names,
-                std::process::id(),
-            )
-            .unwrap();
+            let (net, mut members) = dirs.join_all(&["a", "b", "c"]).unwrap();
             assert_eq!(net.bridge, "nvmm0");
             let mut addresses: Vec<_> = members.iter().map(|m| m.address).collect();
             addresses.dedup();
@@ -582,15 +574,7 @@ fn a_failed_join_of_several_undoes_all_of_it() {
             .unwrap()
             .create_veth("nv-b", "nv-b-p")
             .unwrap();
-        let names: Vec<String> = ["a", "b"].map(String::from).to_vec();
-        let err = Network::join_all(
-            &NetworkConfig::default(),
-            &dirs.runtime(),
-            &dirs.state(),
-            &names,
-            std::process::id(),
-        )
-        .unwrap_err();
+        let err = dirs.join_all(&["a", "b"]).unwrap_err();
         assert!(matches!(err, NetError::TapExists { .. }), "{err}");
         assert_eq!(link("nv-a"), None, "a's tap is removed again");
         assert!(!dirs.member_file("nvmm0", "a").exists());
