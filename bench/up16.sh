@@ -39,11 +39,10 @@ and measures, from the first spawn:
                   sums, as it counts everything else the host does meanwhile
 Where `nvmm up`'s time goes comes from its stderr lines ("nvmm: evaluating", "nvmm: building"
 or "nvmm: NAMES already built", "nvmm: NAME runs in the background"), each timestamped on
-arrival, and from when each VM's
-directory appears (its daemon is being forked).
+arrival, and from when each VM's directory appears (its daemon is being forked).
 All run N rounds, alternating, after one discarded warm-up each (the warm-up `nvmm up` also
 writes the guest module, the ssh keys and the network state, and puts the runners in the
-store). Everything runs inside a network namespace made for the run, nix with
+store; run and qemu warm up once more with the command line it showed). Everything runs inside a network namespace made for the run, nix with
 NIX_CONFIG='substituters =' and nvmm with temporary NVMM_RUNTIME_DIR/NVMM_STATE_DIR.
 Reported: p50 of each figure and the ratios up/qemu and run/qemu. Compare ratios, not absolute
 times: shared machines are noisy, and on kvm-pvm hosts the guest's instructions are emulated.
@@ -442,9 +441,8 @@ def main():
     with open(os.path.join(FLAKE, "settings.json"), "w") as f:
         # cmdlineNetwork false, as in a NixOS configuration's runner (the guest module's
         # default): the VM's network settings and its hosts table reach the guest on the seed
-        # disk. On the command line they would add ~30 bytes per VM to every VM's, which the
-        # test guest prints over the serial port, a trapped write per byte: with 16 VMs, more
-        # guest work than QEMU's VMs do.
+        # disk. On the command line they would make each VM's different (and longer with
+        # every VM), where every guest here gets the same one (see -h).
         json.dump({"systems": {n: {"cmdline": f"nvmm_test={SCENARIO}", "memoryMiB": mem,
                                    "extra": {"cmdlineNetwork": False}}
                                for n in NAMES}}, f)
