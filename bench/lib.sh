@@ -41,3 +41,15 @@ bench_setup() {
     guest=$(realpath "$guest")
     export PYTHONPATH="$PWD/bench${PYTHONPATH:+:$PYTHONPATH}"
 }
+
+# A network namespace $bench_ns holding the tap `tap0` at 10.77.0.1/24 (netbench.py), removed
+# when the calling script exits.
+bench_netns() {
+    bench_ns=nvmmbench-$$
+    trap 'ip netns del "$bench_ns" 2>/dev/null || true' EXIT
+    ip netns add "$bench_ns"
+    ip -n "$bench_ns" link set lo up
+    ip -n "$bench_ns" tuntap add tap0 mode tap vnet_hdr
+    ip -n "$bench_ns" addr add 10.77.0.1/24 dev tap0
+    ip -n "$bench_ns" link set tap0 up
+}

@@ -54,70 +54,29 @@ done
 
 bench_setup "$only"
 
-ns=nvmmbench-$$
-cleanup() { ip netns del "$ns" 2>/dev/null || true; }
-trap cleanup EXIT
-ip netns add "$ns"
-ip -n "$ns" link set lo up
-ip -n "$ns" tuntap add tap0 mode tap vnet_hdr
-ip -n "$ns" addr add 10.77.0.1/24 dev tap0
-ip -n "$ns" link set tap0 up
+bench_netns
 
-ip netns exec "$ns" python3 - "$runs" "$mib" "$nvmm" "$guest" "$only" "$json" <<'PY'
+ip netns exec "$bench_ns" python3 - "$runs" "$mib" "$nvmm" "$guest" "$only" "$json" <<'PY'
 """Serve the guest's net_bench, timestamp its port-0x80 phase markers."""
 import json, socket, statistics, subprocess, sys, threading, time
 
-from markers import QEMU_DEBUGCON, time_markers
+import netbench
+from markers import time_markers
 
 runs, mib = int(sys.argv[1]), int(sys.argv[2])
 nvmm, guest, only, json_path = sys.argv[3:7]
-HOST, PORT, TIMEOUT_S, TOTAL = "10.77.0.1", 5001, 300.0, mib << 20
-CMDLINE = (f"nvmm_test=net_bench nvmm_ip=10.77.0.2/24 nvmm_gw={HOST} "
-           f"connect={HOST}:{PORT} bench_mib={mib}")
+TIMEOUT_S, TOTAL = 300.0, mib << 20
 PHASES = [("guest->host MiB/s", 0x30, 0x31), ("host->guest MiB/s", 0x32, 0x33)]
-MAC = "52:54:00:12:34:56"
-
-
-def argv(name):
-    if name == "nvmm":
-        return [nvmm, "run", "-v", "--kernel", guest, "--mem", "64", "--cmdline", CMDLINE,
-                "--tap", f"tap0,mac={MAC}"]
-    return ["qemu-system-x86_64", "-M", "microvm,acpi=off", "-accel", "kvm", "-m", "64",
-            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-global", "virtio-mmio.force-legacy=false", "-kernel", guest, "-append", CMDLINE,
-            "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
-            "-device", f"virtio-net-device,netdev=n0,mac={MAC}",
-            "-serial", "null"] + QEMU_DEBUGCON
-
-
-def serve(listener, errors):
-    """Receive TOTAL bytes and the 'R', then send TOTAL bytes."""
-    try:
-        conn, _ = listener.accept()
-        with conn:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            got = 0
-            while got < TOTAL + 1:
-                chunk = conn.recv(1 << 20)
-                if not chunk:
-                    raise RuntimeError(f"guest closed after {got} bytes")
-                got += len(chunk)
-            block = bytes(range(256)) * 4096
-            sent = 0
-            while sent < TOTAL:
-                sent += conn.send(block[: min(len(block), TOTAL - sent)])
-            conn.shutdown(socket.SHUT_WR)
-            conn.recv(1)
-    except Exception as e:  # reported by the main thread
-        errors.append(e)
 
 
 def run_once(name):
-    listener = socket.create_server((HOST, PORT), reuse_port=True)
+    listener = socket.create_server((netbench.HOST, netbench.PORT), reuse_port=True)
     errors = []
-    server = threading.Thread(target=serve, args=(listener, errors), daemon=True)
+    server = threading.Thread(target=netbench.serve, args=(listener, TOTAL, errors),
+                              daemon=True)
     server.start()
-    p = subprocess.Popen(argv(name), stdin=subprocess.DEVNULL,
+    p = subprocess.Popen(netbench.argv(name, nvmm, guest, mib, markers=True),
+                         stdin=subprocess.DEVNULL,
                          stdout=subprocess.PIPE if name == "qemu" else subprocess.DEVNULL,
                          stderr=subprocess.PIPE if name == "nvmm" else subprocess.DEVNULL)
     stream = p.stdout if name == "qemu" else p.stderr

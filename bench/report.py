@@ -184,8 +184,22 @@ def nix_boot_rows(r):
                 ms["B"]["guest_line"]["p50"], ms["peer"]["guest_line"]["p50"])]
 
 
+def emulated_rows(r):
+    per = r["per_unit"]
+    what = {"boot": "boot → power-off", "rand_read": "per 4 KiB random read",
+            "seq_mib": "per MiB sequential, read + written",
+            "net_mib": "per MiB TCP, sent + received"}
+    rows = [row("emulated", f"emulated_{key}", f"guest instructions KVM emulated, {what[key]}",
+                "instr.", per[key]["emulated"]["nvmm"], per[key]["emulated"]["qemu"])
+            for key in ("boot", "rand_read", "seq_mib", "net_mib")]
+    rows += [row("emulated", f"exits_{key}", f"exits to the monitor, {what[key]}", "exits",
+                 per[key]["exits"]["nvmm"], per[key]["exits"]["qemu"])
+             for key in ("boot", "seq_mib", "net_mib")]
+    return rows
+
+
 ROWS = {"boot": boot_rows, "blk": blk_rows, "net": net_rows, "console": console_rows,
-        "up16": up16_rows, "nix-boot": nix_boot_rows}
+        "up16": up16_rows, "nix-boot": nix_boot_rows, "emulated": emulated_rows}
 
 
 def fmt(v, ratio=False):
