@@ -164,6 +164,45 @@ fn works_without_event_idx_and_indirect_descriptors_on_a_small_queue() {
     }
 }
 
+/// The benchmarks run the guest's driver at CPL 3 (`nvmm_cpl3=1`, tests/guest/src/ring3.rs):
+/// the driver must do there what it does at CPL 0, the writes included.
+#[test]
+fn guest_drives_its_disk_at_cpl3_as_the_benchmarks_do() {
+    if !kvm_or_skip("blk at CPL 3") {
+        return;
+    }
+    let disk = Image::zeroed("cpl3", 2048);
+    let out = run(guest_command(
+        "nvmm_test=blk nvmm_cpl3=1",
+        &["--disk", disk.path()],
+    ));
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    let s = &out.stdout;
+    assert!(s.contains("running at CPL 3"), "{s}");
+    assert!(
+        s.contains("blk dev=0 wrote sectors=0,1,2047 readback=ok"),
+        "{s}"
+    );
+    assert!(s.contains("result=ok"), "{s}");
+    for sector in [0, 1, 2047] {
+        assert_eq!(disk.sector(sector), pattern(sector), "sector {sector}");
+    }
+
+    let bench = Image::zeroed("cpl3-bench", 4096);
+    let out = run(guest_command(
+        "nvmm_test=blkbench bench_mib=1 bench_ios=200 nvmm_cpl3=1",
+        &["--disk", bench.path()],
+    ));
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    let s = &out.stdout;
+    assert!(s.contains("running at CPL 3"), "{s}");
+    assert!(
+        s.contains("blkbench rand-read bytes=819200 requests=200"),
+        "{s}"
+    );
+    assert!(s.contains("result=ok"), "{s}");
+}
+
 #[test]
 fn guest_reads_whole_disks_correctly() {
     if !kvm_or_skip("blkhash") {

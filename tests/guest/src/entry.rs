@@ -29,9 +29,14 @@ pub const GDT_CODE32: u16 = 0x08;
 pub const GDT_CODE64: u16 = 0x10;
 /// GDT selector of the flat data segment.
 pub const GDT_DATA: u16 = 0x18;
-/// The GDT's limit (size - 1): null, CODE32, CODE64, DATA. Shared with the AP
-/// trampoline, which may be assembled in another object file.
-pub const GDT_LIMIT: u16 = 4 * 8 - 1;
+/// GDT selector of the flat data segment for CPL 3 (see `ring3.rs`).
+pub const GDT_USER_DATA: u16 = 0x20;
+/// GDT selector of the 64-bit code segment for CPL 3.
+pub const GDT_USER_CODE64: u16 = 0x28;
+/// The GDT's limit (size - 1): null, CODE32, CODE64, DATA, USER_DATA,
+/// USER_CODE64. Shared with the AP trampoline, which may be assembled in
+/// another object file.
+pub const GDT_LIMIT: u16 = 6 * 8 - 1;
 
 /// Size of the boot CPU's stack. The network scenarios need about 24 KiB
 /// (smoltcp's interface and socket table live in their frames); untouched
@@ -59,6 +64,7 @@ global_asm!(
 
     /* Page table entry bits. */
     .set PTE_PRESENT_RW, 0x3
+    .set PTE_USER, 0x4
     .set PTE_ACCESSED, 0x20
     .set PTE_DIRTY, 0x40
     .set PTE_LARGE, 0x80
@@ -96,6 +102,8 @@ nvmm_gdt:
     .quad 0x00cf9b000000ffff      /* CODE32: flat 4 GiB, 32-bit */
     .quad 0x00af9b000000ffff      /* CODE64: long mode */
     .quad 0x00cf93000000ffff      /* DATA: flat 4 GiB, writable */
+    .quad 0x00cff3000000ffff      /* USER_DATA: DATA at DPL 3 */
+    .quad 0x00affb000000ffff      /* USER_CODE64: CODE64 at DPL 3 */
 nvmm_gdt_end:
     .if nvmm_gdt_end - nvmm_gdt - 1 - {gdt_limit}
     .error "GDT_LIMIT does not match the GDT"
@@ -110,10 +118,12 @@ nvmm_gdt_ptr:
 
     /*
      * The identity map, complete in the image. Accessed and dirty bits are
-     * preset so the CPU never needs to write to these tables.
+     * preset so the CPU never needs to write to these tables. Every page is
+     * user-accessible, so that a scenario can go on at CPL 3 (ring3.rs); the
+     * guest sets neither SMEP nor SMAP, so CPL 0 is unaffected.
      */
-    .set PTE_TABLE, PTE_PRESENT_RW | PTE_ACCESSED
-    .set PTE_2M, PTE_PRESENT_RW | PTE_ACCESSED | PTE_DIRTY | PTE_LARGE
+    .set PTE_TABLE, PTE_PRESENT_RW | PTE_USER | PTE_ACCESSED
+    .set PTE_2M, PTE_PRESENT_RW | PTE_USER | PTE_ACCESSED | PTE_DIRTY | PTE_LARGE
     .pushsection .data.nvmm_page_tables, "aw"
     .balign 4096
     .globl nvmm_pml4

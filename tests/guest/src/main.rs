@@ -29,6 +29,7 @@ mod net;
 mod net_scenarios;
 mod net_stack;
 mod power;
+mod ring3;
 mod scenarios;
 mod serial_irq;
 mod smp;

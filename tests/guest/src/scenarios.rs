@@ -18,6 +18,10 @@ const DEFAULT_SCENARIO: &[u8] = b"hello";
 /// Runs the scenario the command line asks for, reports, and powers off.
 pub fn run(boot: &BootInfo) -> ! {
     let name = cmdline_value(boot.cmdline, b"nvmm_test").unwrap_or(DEFAULT_SCENARIO);
+    if cmdline_value(boot.cmdline, b"nvmm_cpl3") == Some(b"1") {
+        crate::ring3::enter();
+        say!("running at CPL {}", crate::ring3::current_level());
+    }
     let outcome = match name {
         b"hello" => hello(),
         b"echo" => echo(),
