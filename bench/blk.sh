@@ -10,7 +10,9 @@ Usage: bench/blk.sh [-h] [-n N] [--mib MIB] [--ios N] [--dir DIR] [--nvmm PATH] 
                     [--only nvmm|qemu] [--json FILE]
 
 The test guest's "blkbench" scenario (tests/guest/README.md) runs three phases on its first
-virtio-blk disk, each bracketed by writes to I/O port 0x80 that this harness timestamps:
+virtio-blk disk at CPL 3 (nvmm_cpl3=1: kvm-pvm runs the guest's CPL 0 code instruction by
+instruction in its emulator, its CPL 3 code natively), each bracketed by writes to I/O port 0x80
+that this harness timestamps:
   seq read    MIB MiB in 128 KiB requests, several in flight      (markers 0x20 .. 0x21)
   seq write   the same                                            (markers 0x22 .. 0x23)
   rand read   N random 4 KiB reads, queue depth up to 32          (markers 0x24 .. 0x25)
@@ -22,8 +24,8 @@ Target: nvmm >= 1.0x QEMU on every figure; the ratio to the host figure is repor
 
 Options:
   -n N          runs per monitor (default 3)
-  --mib MIB     sequential size (default 64)
-  --ios N       random reads (default 2000)
+  --mib MIB     sequential size (default 256)
+  --ios N       random reads (default 20000)
   --dir DIR     where the scratch disk goes (default /var/tmp)
   --nvmm PATH   nvmm binary (default target/x86_64-unknown-linux-gnu/release/nvmm, the static
                 build of scripts/lib.sh build_release_nvmm, built if missing)
@@ -37,7 +39,7 @@ USAGE
 # shellcheck source=bench/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-runs=3 mib=64 ios=2000 dir=/var/tmp nvmm='' guest=${NVMM_TEST_GUEST:-} only='' json=''
+runs=3 mib=256 ios=20000 dir=/var/tmp nvmm='' guest=${NVMM_TEST_GUEST:-} only='' json=''
 while [[ $# -gt 0 ]]; do
     case $1 in
         -h | --help) usage; exit 0 ;;
@@ -69,7 +71,7 @@ runs, mib, ios = (int(v) for v in sys.argv[1:4])
 scratch_dir, nvmm, guest, only, json_path = sys.argv[4:9]
 MEM_MIB, TIMEOUT_S = 64, 600.0
 DISK_BYTES = max(mib, 64) << 20
-CMDLINE = f"nvmm_test=blkbench bench_mib={mib} bench_ios={ios}"
+CMDLINE = f"nvmm_test=blkbench bench_mib={mib} bench_ios={ios} nvmm_cpl3=1"
 PHASES = [("seq read MiB/s", 0x20, 0x21, mib), ("seq write MiB/s", 0x22, 0x23, mib),
           ("4K rand read IOPS", 0x24, 0x25, ios)]
 

@@ -93,8 +93,8 @@ RUNS = {"poweroff": ("nvmm_test=poweroff", None),
         "blk_base": (BLK.format(BASE_MIB, BASE_IOS), None),
         "blk_random": (BLK.format(BASE_MIB, BASE_IOS + ios), None),
         "blk_sequential": (BLK.format(BASE_MIB + mib, BASE_IOS), None),
-        "net_base": (netbench.cmdline(BASE_MIB), BASE_MIB),
-        "net": (netbench.cmdline(BASE_MIB + net_mib), BASE_MIB + net_mib)}
+        "net_base": (netbench.cmdline(BASE_MIB, cpl3=False), BASE_MIB),
+        "net": (netbench.cmdline(BASE_MIB + net_mib, cpl3=False), BASE_MIB + net_mib)}
 
 fd, disk = tempfile.mkstemp(prefix="nvmm-emulated-", suffix=".img", dir=scratch_dir)
 os.ftruncate(fd, max(BASE_MIB + mib, 64) << 20)
@@ -103,7 +103,7 @@ os.close(fd)
 
 def argv(name, cmdline, net_mib):
     if net_mib is not None:
-        return netbench.argv(name, nvmm, guest, net_mib, markers=False)
+        return netbench.argv(name, nvmm, guest, net_mib, markers=False, cpl3=False)
     with_disk = "blkbench" in cmdline
     if name == "nvmm":
         return [nvmm, "run", "--kernel", guest, "--mem", str(MEM_MIB), "--cmdline", cmdline] + (

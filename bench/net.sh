@@ -10,11 +10,12 @@ usage() {
 Usage: bench/net.sh [-h] [-n N] [--mib MIB] [--nvmm PATH] [--guest PATH] [--only nvmm|qemu]
                     [--json FILE]
 
-The test guest's "net_bench" scenario (tests/guest/README.md) connects to a server this harness
-runs on the host end of the tap, sends MIB MiB (markers 0x30 .. 0x31 on I/O port 0x80), then
-receives MIB MiB from the host (0x32 .. 0x33). nvmm's markers come from its -v log, QEMU's from
-an isa-debugcon on port 0x80; this harness timestamps both on arrival. QEMU uses its default
-userspace virtio-net backend on the same kind of tap (no vhost-net). Each monitor runs N times
+The test guest's "net_bench" scenario (tests/guest/README.md), at CPL 3 as in blk.sh
+(nvmm_cpl3=1), connects to a server this harness runs on the host end of the tap, sends MIB
+MiB (markers 0x30 .. 0x31 on I/O port 0x80), then receives MIB MiB from the host (0x32 ..
+0x33). nvmm's markers come from its -v log, QEMU's from an isa-debugcon on port 0x80; this
+harness timestamps both on arrival. QEMU uses its default userspace virtio-net backend on the
+same kind of tap (no vhost-net). Each monitor runs N times
 (alternating); the table shows medians and nvmm/QEMU ratios. Target: nvmm >= 1.0x QEMU.
 The host row is loopback TCP inside the same namespace (the physical limit of this machine).
 
@@ -75,7 +76,7 @@ def run_once(name):
     server = threading.Thread(target=netbench.serve, args=(listener, TOTAL, errors),
                               daemon=True)
     server.start()
-    p = subprocess.Popen(netbench.argv(name, nvmm, guest, mib, markers=True),
+    p = subprocess.Popen(netbench.argv(name, nvmm, guest, mib, markers=True, cpl3=True),
                          stdin=subprocess.DEVNULL,
                          stdout=subprocess.PIPE if name == "qemu" else subprocess.DEVNULL,
                          stderr=subprocess.PIPE if name == "nvmm" else subprocess.DEVNULL)
