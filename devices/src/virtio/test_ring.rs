@@ -1,10 +1,9 @@
-//! A split virtqueue driven by hand, the way a guest driver would, for device tests: lay it out
-//! with virtio-queue's `MockSplitQueue`, then add descriptor chains and read the used ring.
+//! A split virtqueue driven by hand, the way a guest driver would, for device tests: lay it out,
+//! then add descriptor chains and read the used ring.
 
-use virtio_queue::Queue;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
-use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const F_NEXT: u16 = 1;
@@ -21,13 +20,29 @@ pub struct TestRing {
 
 impl TestRing {
     /// A ring of `size` entries at `base`, and the device's view of it.
+    ///
+    /// Laid out here rather than by virtio-queue's `MockSplitQueue`, which puts the used ring
+    /// `size` bytes after the start of the available ring's entries instead of `2 * size`: for
+    /// queues of more than a few entries its rings overlap.
     pub fn new(mem: &GuestMemoryMmap, base: u64, size: u16) -> (Queue, TestRing) {
-        let mock = MockSplitQueue::create(mem, GuestAddress(base), size);
-        let queue = mock.create_queue().unwrap();
+        let entries = u64::from(size);
+        let desc = base;
+        let avail = desc + 16 * entries;
+        // flags, idx, the entries, used_event; the used ring is 4-byte aligned.
+        let used = (avail + 6 + 2 * entries).next_multiple_of(4);
+        let end = used + 6 + 8 * entries;
+        mem.write_slice(&vec![0; (end - base) as usize], GuestAddress(base))
+            .unwrap();
+        let mut queue = Queue::new(size).unwrap();
+        queue.set_size(size);
+        queue.set_desc_table_address(Some(desc as u32), Some((desc >> 32) as u32));
+        queue.set_avail_ring_address(Some(avail as u32), Some((avail >> 32) as u32));
+        queue.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
+        queue.set_ready(true);
         let ring = TestRing {
-            desc: mock.desc_table_addr().0,
-            avail: mock.avail_addr().0,
-            used: mock.used_addr().0,
+            desc,
+            avail,
+            used,
             size,
             next_desc: 0,
         };
