@@ -30,6 +30,8 @@ use super::{
 
 /// Queue size offered for both queues.
 pub const QUEUE_SIZE: u16 = 256;
+/// Received frames put into the used ring together, at most (vhost-net's VHOST_NET_BATCH).
+const RX_BATCH: usize = 64;
 const RX: usize = 0;
 const TX: usize = 1;
 /// The largest frame a tap hands over with TSO: a 64 KiB segment plus Ethernet and VLAN headers.
@@ -83,6 +85,8 @@ pub struct Net<B: FrameBackend> {
     /// A frame read from the backend but not yet delivered (`pending_len` bytes of it).
     rx_frame: Vec<u8>,
     pending_len: usize,
+    /// Receive chains filled but not yet in the used ring (see `process_rx`).
+    rx_used: Vec<(u16, u32)>,
     tx_frame: Vec<u8>,
     counters: NetCounters,
     trouble: LogOnce,
@@ -126,6 +130,7 @@ impl<B: FrameBackend> Net<B> {
             state: DeviceState::Inactive,
             rx_frame: vec![0; VNET_HDR_LEN + MAX_FRAME_LEN],
             pending_len: 0,
+            rx_used: Vec::with_capacity(usize::from(QUEUE_SIZE)),
             tx_frame: Vec::with_capacity(VNET_HDR_LEN + MAX_FRAME_LEN),
             counters: NetCounters::default(),
             trouble: LogOnce::default(),
@@ -150,9 +155,17 @@ impl<B: FrameBackend> Net<B> {
 
     /// Moves frames from the backend into the guest until the backend is empty or the guest
     /// has no room; then interrupts the guest if it asked for it.
+    ///
+    /// The frames of one pass go into the used ring together, after their bytes are in guest
+    /// memory (at most [`RX_BATCH`] at a time, as vhost-net does): a guest that polls the ring
+    /// then takes them in one go and answers once (one TCP ACK for the batch, not one per
+    /// frame), and one that waits for interrupts gets one.
     pub fn process_rx(&mut self) {
         let mut delivered = false;
         loop {
+            if self.rx_used.len() >= RX_BATCH {
+                self.publish_rx();
+            }
             if self.pending_len == 0 {
                 match self.backend.recv(&mut self.rx_frame) {
                     Ok(0) => break,
@@ -186,9 +199,23 @@ impl<B: FrameBackend> Net<B> {
                 Delivery::NoBuffers => break,
             }
         }
+        self.publish_rx();
         if delivered {
             self.signal_used(RX);
         }
+    }
+
+    /// Puts the filled receive chains into the used ring.
+    fn publish_rx(&mut self) {
+        let DeviceState::Activated(state) = &mut self.state else {
+            return;
+        };
+        for &(head, len) in &self.rx_used {
+            if super::add_used(&mut state.rx, &state.mem, head, len).is_err() {
+                break;
+            }
+        }
+        self.rx_used.clear();
     }
 
     fn queues(&mut self) -> Option<&mut ActiveState> {
@@ -247,7 +274,6 @@ impl<B: FrameBackend> Net<B> {
         self.rx_frame[NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2]
             .copy_from_slice(&count.to_le_bytes());
         let mut offset = 0;
-        let mut used = Vec::with_capacity(chains.len());
         for chain in &chains {
             let start = offset;
             for &(addr, len) in &chain.buffers {
@@ -263,15 +289,7 @@ impl<B: FrameBackend> Net<B> {
                 }
                 offset += n;
             }
-            used.push((chain.head, (offset - start) as u32));
-        }
-        let Some(state) = self.queues() else {
-            return Delivery::NoBuffers;
-        };
-        for (head, len) in used {
-            if super::add_used(&mut state.rx, &mem, head, len).is_err() {
-                break;
-            }
+            self.rx_used.push((chain.head, (offset - start) as u32));
         }
         Delivery::Delivered
     }
@@ -484,6 +502,8 @@ impl<B: FrameBackend> VirtioDevice for Net<B> {
     fn reset(&mut self) {
         self.state = DeviceState::Inactive;
         self.pending_len = 0;
+        // Empty outside process_rx already; never to be published into the next rings.
+        self.rx_used.clear();
     }
 
     fn is_activated(&self) -> bool {
