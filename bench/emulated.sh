@@ -77,7 +77,7 @@ bench_netns
 ip netns exec "$bench_ns" python3 - "$runs" "$mib" "$ios" "$net_mib" "$dir" "$nvmm" "$guest" \
     "$only" "$json" <<'PY'
 """Run the guest under `perf stat` for each monitor and size; per-unit counts from differences."""
-import json, os, socket, statistics, subprocess, sys, tempfile, threading
+import json, os, signal, socket, statistics, subprocess, sys, tempfile, threading
 
 import netbench
 
@@ -134,18 +134,28 @@ def count(name, cmdline, net_mib):
                          daemon=True).start()
     try:
         with tempfile.NamedTemporaryFile("r", prefix="nvmm-perf-") as out:
-            p = subprocess.run(["perf", "stat", "-x", ",", "-o", out.name,
-                                "-e", ",".join(EVENTS), "--"] + argv(name, cmdline, net_mib),
-                               stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT_S)
+            # In a session of its own: a monitor that outlives its time limit is killed with
+            # perf (killing perf alone would leave it running).
+            p = subprocess.Popen(["perf", "stat", "-x", ",", "-o", out.name,
+                                  "-e", ",".join(EVENTS), "--"] + argv(name, cmdline, net_mib),
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, start_new_session=True)
+            try:
+                stdout, stderr = p.communicate(timeout=TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.communicate()
+                sys.exit(f"bench/emulated.sh: {name} '{cmdline}': still running after "
+                         f"{TIMEOUT_S} s")
             report = out.read()
     finally:
         if listener:
             listener.close()
-    console = p.stdout.decode(errors="replace")
+    console = stdout.decode(errors="replace")
     finished = "poweroff via acpi" if "poweroff" in cmdline else "nvmm-test: result=ok"
     if finished not in console or errors:
         sys.exit(f"bench/emulated.sh: {name} '{cmdline}': the guest did not finish: "
-                 f"{errors} {console[-1500:]}{p.stderr.decode(errors='replace')[-1500:]}")
+                 f"{errors} {console[-1500:]}{stderr.decode(errors='replace')[-1500:]}")
     counts = {}
     for line in report.splitlines():
         fields = line.split(",")
