@@ -157,7 +157,7 @@ impl<B: FrameBackend> Net<B> {
     /// has no room; then interrupts the guest if it asked for it.
     ///
     /// The frames of one pass go into the used ring together, after their bytes are in guest
-    /// memory (at most [`RX_BATCH`] at a time, as vhost-net does): a guest that polls the ring
+    /// memory (at most `RX_BATCH`, 64, at a time, as vhost-net does): a guest that polls the ring
     /// then takes them in one go and answers once (one TCP ACK for the batch, not one per
     /// frame), and one that waits for interrupts gets one.
     pub fn process_rx(&mut self) {
