@@ -65,13 +65,14 @@ exec python3 - "$runs" "$mib" "$ios" "$dir" "$nvmm" "$guest" "$only" "$json" <<'
 """Run the guest's blkbench under each monitor, timestamp its port-0x80 phase markers."""
 import json, os, random, statistics, subprocess, sys, tempfile, time
 
-from markers import QEMU_DEBUGCON, time_markers
+import blkbench
+from markers import time_markers
 
 runs, mib, ios = (int(v) for v in sys.argv[1:4])
 scratch_dir, nvmm, guest, only, json_path = sys.argv[4:9]
-MEM_MIB, TIMEOUT_S = 64, 600.0
+TIMEOUT_S = 600.0
 DISK_BYTES = max(mib, 64) << 20
-CMDLINE = f"nvmm_test=blkbench bench_mib={mib} bench_ios={ios} nvmm_cpl3=1"
+CMDLINE = blkbench.cmdline(mib, ios, cpl3=True)
 PHASES = [("seq read MiB/s", 0x20, 0x21, mib), ("seq write MiB/s", 0x22, 0x23, mib),
           ("4K rand read IOPS", 0x24, 0x25, ios)]
 
@@ -83,23 +84,9 @@ os.fsync(fd)
 os.close(fd)
 
 
-def argv(name):
-    if name == "nvmm":
-        return [nvmm, "run", "-v", "--kernel", guest, "--mem", str(MEM_MIB), "--cmdline", CMDLINE,
-                "--disk", disk]
-    # With ACPI on, microvm announces virtio-mmio devices only in its DSDT, which the test guest
-    # does not read; with acpi=off it appends virtio_mmio.device= to the command line.
-    return ["qemu-system-x86_64", "-M", "microvm,acpi=off", "-accel", "kvm", "-m", str(MEM_MIB),
-            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-global", "virtio-mmio.force-legacy=false",
-            "-kernel", guest, "-append", CMDLINE,
-            "-drive", f"id=d0,file={disk},format=raw,if=none,cache=writeback",
-            "-device", "virtio-blk-device,drive=d0",
-            "-serial", "null"] + QEMU_DEBUGCON
-
-
 def run_once(name):
-    p = subprocess.Popen(argv(name), stdin=subprocess.DEVNULL,
+    p = subprocess.Popen(blkbench.argv(name, nvmm, guest, disk, CMDLINE, markers=True),
+                         stdin=subprocess.DEVNULL,
                          stdout=subprocess.PIPE if name == "qemu" else subprocess.DEVNULL,
                          stderr=subprocess.PIPE if name == "nvmm" else subprocess.DEVNULL)
     stream = p.stdout if name == "qemu" else p.stderr

@@ -79,6 +79,7 @@ ip netns exec "$bench_ns" python3 - "$runs" "$mib" "$ios" "$net_mib" "$dir" "$nv
 """Run the guest under `perf stat` for each monitor and size; per-unit counts from differences."""
 import json, os, signal, socket, statistics, subprocess, sys, tempfile, threading
 
+import blkbench
 import netbench
 
 runs, mib, ios, net_mib = (int(v) for v in sys.argv[1:5])
@@ -87,12 +88,11 @@ MEM_MIB, TIMEOUT_S = 64, 300
 EVENTS = ["kvm:kvm_emulate_insn", "kvm:kvm_userspace_exit"]
 # The smallest blkbench and net_bench: the bases the larger ones are compared with.
 BASE_MIB, BASE_IOS = 1, 10
-BLK = "nvmm_test=blkbench bench_mib={} bench_ios={}"
 # Each run: what the guest does, and its bytes each way for net_bench (None: not networked).
 RUNS = {"poweroff": ("nvmm_test=poweroff", None),
-        "blk_base": (BLK.format(BASE_MIB, BASE_IOS), None),
-        "blk_random": (BLK.format(BASE_MIB, BASE_IOS + ios), None),
-        "blk_sequential": (BLK.format(BASE_MIB + mib, BASE_IOS), None),
+        "blk_base": (blkbench.cmdline(BASE_MIB, BASE_IOS, cpl3=False), None),
+        "blk_random": (blkbench.cmdline(BASE_MIB, BASE_IOS + ios, cpl3=False), None),
+        "blk_sequential": (blkbench.cmdline(BASE_MIB + mib, BASE_IOS, cpl3=False), None),
         "net_base": (netbench.cmdline(BASE_MIB, cpl3=False), BASE_MIB),
         "net": (netbench.cmdline(BASE_MIB + net_mib, cpl3=False), BASE_MIB + net_mib)}
 
@@ -104,24 +104,15 @@ os.close(fd)
 def argv(name, cmdline, net_mib):
     if net_mib is not None:
         return netbench.argv(name, nvmm, guest, net_mib, markers=False, cpl3=False)
-    with_disk = "blkbench" in cmdline
+    if "blkbench" in cmdline:
+        return blkbench.argv(name, nvmm, guest, disk, cmdline, markers=False)
     if name == "nvmm":
-        return [nvmm, "run", "--kernel", guest, "--mem", str(MEM_MIB), "--cmdline", cmdline] + (
-            ["--disk", disk] if with_disk else [])
-    common = ["-accel", "kvm", "-m", str(MEM_MIB), "-nodefaults", "-no-user-config",
-              "-display", "none", "-no-reboot", "-kernel", guest, "-append", cmdline,
-              "-serial", "stdio"]
-    if not with_disk:
-        # ACPI on: the guest powers off as it does under nvmm.
-        return ["qemu-system-x86_64", "-M", "microvm"] + common
-    # As in blk.sh: acpi=off has microvm name its virtio-mmio devices on the command line. The
-    # guest then cannot power off; the i8042 reset it falls back to ends nvmm, and this
-    # isa-debug-exit ends QEMU at the same point (microvm has no i8042).
-    return ["qemu-system-x86_64", "-M", "microvm,acpi=off"] + common + [
-        "-global", "virtio-mmio.force-legacy=false",
-        "-drive", f"id=d0,file={disk},format=raw,if=none,cache=writeback",
-        "-device", "virtio-blk-device,drive=d0",
-        "-device", "isa-debug-exit,iobase=0x64,iosize=1"]
+        return [nvmm, "run", "--kernel", guest, "--mem", str(MEM_MIB),
+                "--cmdline", cmdline]
+    # ACPI on: the guest powers off as it does under nvmm.
+    return ["qemu-system-x86_64", "-M", "microvm", "-accel", "kvm", "-m", str(MEM_MIB),
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-kernel", guest, "-append", cmdline, "-serial", "stdio"]
 
 
 def count(name, cmdline, net_mib):
