@@ -22,25 +22,14 @@ struct Harness {
 }
 
 fn harness(mergeable: bool) -> Harness {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
     let (ours, peer) = UnixDatagram::pair().unwrap();
     ours.set_nonblocking(true).unwrap();
-    let mut net = Net::new(ours, [0x52, 0x54, 0, 0x12, 0x34, 0x56]).unwrap();
-    let (rxq, rx) = TestRing::new(&mem, RX_BASE, SIZE);
-    let (txq, tx) = TestRing::new(&mem, TX_BASE, SIZE);
-    let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let features = if mergeable {
         1 << VIRTIO_NET_F_MRG_RXBUF
     } else {
         0
     };
-    net.activate(
-        mem.clone(),
-        Arc::new(IrqTrigger::new(irq.try_clone().unwrap())),
-        features,
-        vec![rxq, txq],
-    )
-    .unwrap();
+    let (mem, net, irq, rx, tx) = activated(SIZE, features, |_, _| ours);
     Harness {
         mem,
         net,
@@ -49,6 +38,28 @@ fn harness(mergeable: bool) -> Harness {
         rx,
         tx,
     }
+}
+
+/// A device activated with `features` on the backend `backend` makes from the guest memory and
+/// the receive ring (of `rx_size` entries), with its interrupt eventfd and both rings.
+fn activated<B: FrameBackend>(
+    rx_size: u16,
+    features: u64,
+    backend: impl FnOnce(&GuestMemoryMmap, &TestRing) -> B,
+) -> (GuestMemoryMmap, Net<B>, EventFd, TestRing, TestRing) {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+    let (rxq, rx) = TestRing::new(&mem, RX_BASE, rx_size);
+    let (txq, tx) = TestRing::new(&mem, TX_BASE, SIZE);
+    let mut net = Net::new(backend(&mem, &rx), [0x52, 0x54, 0, 0x12, 0x34, 0x56]).unwrap();
+    let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    net.activate(
+        mem.clone(),
+        Arc::new(IrqTrigger::new(irq.try_clone().unwrap())),
+        features,
+        vec![rxq, txq],
+    )
+    .unwrap();
+    (mem, net, irq, rx, tx)
 }
 
 fn frame(payload_len: usize) -> Vec<u8> {
@@ -324,30 +335,17 @@ fn received_frames_reach_the_used_ring_a_batch_at_a_time() {
     // A guest polling the used ring takes a batch in one go and acknowledges it once; frame by
     // frame, the test guest's TCP sent an ACK for almost every frame.
     let count = RX_BATCH + 10;
-    let size = 128;
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
-    let (rxq, mut rx) = TestRing::new(&mem, RX_BASE, size);
-    let (txq, _tx) = TestRing::new(&mem, TX_BASE, SIZE);
-    for i in 0..count as u64 {
-        rx.add_chain(&mem, &[(0x20_0000 + i * 0x1000, 2048, true)]);
-    }
     let frames: Vec<Vec<u8>> = (0..count).map(|i| frame(100 + i)).collect();
-    let recorder = Recorder {
+    let (mem, mut net, irq, mut rx, _tx) = activated(128, 0, |mem, rx| Recorder {
         frames: frames.iter().cloned().collect(),
         fd: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
         mem: mem.clone(),
         used_idx: GuestAddress(rx.used_addr() + 2),
         used_idx_at_read: Vec::new(),
-    };
-    let mut net = Net::new(recorder, [0x52, 0x54, 0, 0x12, 0x34, 0x56]).unwrap();
-    let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    net.activate(
-        mem.clone(),
-        Arc::new(IrqTrigger::new(irq.try_clone().unwrap())),
-        0,
-        vec![rxq, txq],
-    )
-    .unwrap();
+    });
+    for i in 0..count as u64 {
+        rx.add_chain(&mem, &[(0x20_0000 + i * 0x1000, 2048, true)]);
+    }
 
     net.process_rx();
 
