@@ -1077,7 +1077,7 @@ fn create_tap(nl: &mut Netlink, tap: &str, bridge: &str) -> Result<(), NetError>
             source,
         },
     })?;
-    let attached = nl.set_controller(tap, bridge).and_then(|()| nl.set_up(tap));
+    let attached = nl.attach_up(tap, bridge);
     if let Err(e) = attached {
         let _ = nl.delete_link(tap);
         return Err(e.into());

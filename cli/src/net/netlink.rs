@@ -1,6 +1,6 @@
 //! A thin, synchronous rtnetlink client with exactly the operations nvmm's host networking
 //! needs: create a bridge, delete a link, set a link up, attach a link to a bridge, add an IPv4
-//! address, and list links, IPv4 addresses and IPv4 routes. Messages are rust-netlink's
+//! address, look up a link, and list links, IPv4 addresses and IPv4 routes. Messages are rust-netlink's
 //! `netlink-packet-route` types sent over a plain blocking `netlink-sys` socket: no async
 //! runtime, no `ip` command.
 //!
@@ -75,6 +75,15 @@ pub enum NetlinkError {
         address: Ipv4Addr,
         /// Its prefix length.
         prefix_len: u8,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Looking up one interface failed.
+    #[error("cannot look up network interface {name}")]
+    GetLink {
+        /// The interface.
+        name: String,
         /// Why.
         #[source]
         source: io::Error,
@@ -233,10 +242,12 @@ impl Netlink {
             })
     }
 
-    /// Attaches interface `name` to bridge `bridge` as a port.
-    pub fn set_controller(&mut self, name: &str, bridge: &str) -> Result<(), NetlinkError> {
+    /// Attaches interface `name` to bridge `bridge` as a port and sets it up, in one request.
+    pub fn attach_up(&mut self, name: &str, bridge: &str) -> Result<(), NetlinkError> {
         let bridge_index = self.require_link(bridge)?.index;
         let mut msg = LinkMessage::default();
+        msg.header.flags = LinkFlags::Up;
+        msg.header.change_mask = LinkFlags::Up;
         msg.attributes = vec![
             LinkAttribute::IfName(name.into()),
             LinkAttribute::Controller(bridge_index),
@@ -291,9 +302,28 @@ impl Netlink {
             .collect())
     }
 
-    /// The interface called `name`, if there is one.
+    /// The interface called `name`, if there is one. One request for that link, not a dump of
+    /// every link: joining N VMs looks up N taps' bridge, and dumps made that quadratic.
     pub fn link_by_name(&mut self, name: &str) -> Result<Option<Link>, NetlinkError> {
-        Ok(self.links()?.into_iter().find(|link| link.name == name))
+        // The kernel refuses a name no interface can have (EINVAL); none is called that.
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+            return Ok(None);
+        }
+        let mut msg = LinkMessage::default();
+        msg.attributes = vec![LinkAttribute::IfName(name.into())];
+        let get_error = |source| NetlinkError::GetLink {
+            name: name.into(),
+            source,
+        };
+        match self.get(RouteNetlinkMessage::GetLink(msg)) {
+            Ok(RouteNetlinkMessage::NewLink(msg)) => Ok(Some(link_from_message(msg))),
+            Ok(other) => Err(get_error(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the kernel answered with {other:?}"),
+            ))),
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(get_error(e)),
+        }
     }
 
     /// Every IPv4 address in the namespace.
@@ -398,6 +428,31 @@ impl Netlink {
                         None => Ok(()),
                         Some(code) => Err(kernel_error(code.get())),
                     };
+                }
+            }
+        }
+    }
+
+    /// Sends a request for one object and waits for it.
+    fn get(&mut self, msg: RouteNetlinkMessage) -> io::Result<RouteNetlinkMessage> {
+        let sequence = self.send(msg, 0)?;
+        loop {
+            for reply in self.receive()? {
+                if reply.header.sequence_number != sequence {
+                    continue;
+                }
+                match reply.payload {
+                    NetlinkPayload::InnerMessage(inner) => return Ok(inner),
+                    NetlinkPayload::Error(error) => {
+                        return Err(match error.code {
+                            Some(code) => kernel_error(code.get()),
+                            None => io::Error::new(
+                                io::ErrorKind::InvalidData,
+                                "the kernel acknowledged a request for an object",
+                            ),
+                        });
+                    }
+                    _ => {}
                 }
             }
         }

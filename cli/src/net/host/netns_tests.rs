@@ -389,8 +389,7 @@ fn the_host_reaches_a_guest_through_the_bridge() {
         // A veth pair stands in for a guest: one end in the bridge, the other in a second
         // private namespace with an address from the subnet.
         nl.create_veth("veth-host", "veth-guest").unwrap();
-        nl.set_controller("veth-host", &net.bridge).unwrap();
-        nl.set_up("veth-host").unwrap();
+        nl.attach_up("veth-host", &net.bridge).unwrap();
         let (mut guest_nl, guest_ns) = std::thread::spawn(|| {
             unshare_netns().unwrap();
             // Both keep the namespace alive after this thread ends.
@@ -580,4 +579,29 @@ fn a_failed_join_of_several_undoes_all_of_it() {
         assert!(!dirs.member_file("nvmm0", "a").exists());
         assert_eq!(link("nvmm0"), None);
     });
+}
+
+#[test]
+fn a_link_is_looked_up_by_name_as_the_full_list_has_it() {
+    in_netns(
+        "a_link_is_looked_up_by_name_as_the_full_list_has_it",
+        || {
+            let mut nl = Netlink::open().unwrap();
+            nl.create_veth("look-a", "look-b").unwrap();
+            nl.set_up("look-a").unwrap();
+            let listed = nl.links().unwrap();
+            for name in ["lo", "look-a", "look-b"] {
+                let found = nl.link_by_name(name).unwrap();
+                assert_eq!(
+                    found.as_ref(),
+                    listed.iter().find(|l| l.name == name),
+                    "{name}"
+                );
+            }
+            assert_eq!(nl.link_by_name("look-c").unwrap(), None);
+            // Longer than any interface name may be: the kernel would refuse the request.
+            assert_eq!(nl.link_by_name("a-name-too-long-for-linux").unwrap(), None);
+            assert_eq!(nl.link_by_name("").unwrap(), None);
+        },
+    );
 }
