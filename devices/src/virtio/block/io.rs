@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// How a disk file is accessed.
 #[derive(Debug)]
@@ -100,27 +100,25 @@ impl SyncFileEngine {
         mem: &GuestMemoryMmap,
         bufs: &[(GuestAddress, u32)],
     ) -> io::Result<()> {
-        let slices = bufs
+        let mut iovecs = bufs
             .iter()
-            .map(|&(addr, len)| mem.get_slice(addr, len as usize))
-            .collect::<Result<Vec<VolatileSlice<'_, _>>, _>>()
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let mut iovecs: Vec<libc::iovec> = slices
-            .iter()
-            .map(|slice| libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                iov_len: slice.len(),
+            .map(|&(addr, len)| {
+                mem.get_slice(addr, len as usize).map(|slice| libc::iovec {
+                    iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                    iov_len: slice.len(),
+                })
             })
-            .collect();
+            .collect::<Result<Vec<libc::iovec>, _>>()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let mut pending: &mut [libc::iovec] = &mut iovecs;
         while !pending.is_empty() {
             let count = pending.len().min(IOV_MAX);
             let fd = self.file.as_raw_fd();
             let offset_arg = libc::off_t::try_from(offset)
                 .map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
-            // SAFETY: every iovec points into a guest memory slice that `slices` keeps borrowed
-            // (the mapping lives as long as `mem`), with its exact length; the kernel reads or
-            // writes at most those bytes and keeps no pointer after returning.
+            // SAFETY: every iovec is a guest memory slice, with its exact length, in a mapping
+            // that `mem`, borrowed for this whole call, keeps alive; the kernel reads or writes
+            // at most those bytes and keeps no pointer after returning.
             let done = unsafe {
                 match direction {
                     Direction::Read => libc::preadv(fd, pending.as_ptr(), count as i32, offset_arg),

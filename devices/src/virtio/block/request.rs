@@ -10,7 +10,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_queue::DescriptorChain;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Bytes per virtio-blk sector, whatever the advertised block size.
 pub const SECTOR_SIZE: u64 = 512;
@@ -174,15 +174,14 @@ fn parse_descriptors(
     if header.is_write_only() || header.len() < HEADER_LEN {
         return Err(RequestError::InvalidHeader);
     }
-    let raw_type: u32 = mem
+    // One read of the whole header: each guest memory access costs a region look-up, and this
+    // is the device's busiest path.
+    let raw_header: [u8; HEADER_LEN as usize] = mem
         .read_obj(header.addr())
         .map_err(|_| RequestError::OutsideGuestMemory)?;
-    let sector: u64 = header
-        .addr()
-        .checked_add(8)
-        .and_then(|addr| mem.read_obj(addr).ok())
-        .ok_or(RequestError::OutsideGuestMemory)?;
-    let kind = RequestType::from_raw(raw_type);
+    let [t0, t1, t2, t3, _, _, _, _, s @ ..] = raw_header;
+    let kind = RequestType::from_raw(u32::from_le_bytes([t0, t1, t2, t3]));
+    let sector = u64::from_le_bytes(s);
 
     let mut buffers = Vec::with_capacity(data.len());
     for desc in data {
