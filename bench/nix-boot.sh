@@ -24,7 +24,8 @@ nixpkgs; its runner boots the test guest, scenario "poweroff", 32 MiB) and times
 All run N times, alternating, after one discarded warm-up each (the warm-up `nvmm boot` also
 writes the guest module, the ssh keys and the network state). Everything runs inside a network
 namespace made for the run (`nvmm boot` joins a network: a bridge and a tap), nix with
-NIX_CONFIG='substituters =' and nvmm with temporary NVMM_RUNTIME_DIR/NVMM_STATE_DIR.
+NIX_CONFIG='substituters =' and nvmm with temporary NVMM_RUNTIME_DIR/NVMM_STATE_DIR, the
+runtime one on a tmpfs of its own, as root's /run/nvmm is on a Debian host (see lib.sh).
 Reported: p50/p90 of each, the overhead B - A (p50; target <= 150 ms), the ratio B / peer,
 and where the time goes inside B (from B-v). The peer has no disks and no network, so it is
 the cheapest version of that flow. Compare ratios and differences, not absolute times: shared
@@ -91,7 +92,7 @@ ip -n "$ns" link set lo up
 export NIX_CONFIG='substituters ='
 export NVMM_RUNTIME_DIR=$work/run NVMM_STATE_DIR=$work/state
 
-ip netns exec "$ns" python3 - "$runs" "$nvmm" "$guest" "$only" "$json" "$work" <<'PY'
+bench_netns_exec_tmpfs_runtime "$ns" python3 - "$runs" "$nvmm" "$guest" "$only" "$json" "$work" <<'PY'
 """Time nix alone, nvmm boot, nvmm run and nix + QEMU, alternating; report percentiles."""
 import glob, json, math, os, re, select, subprocess, sys, time
 

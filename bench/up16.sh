@@ -43,7 +43,8 @@ arrival, and from when each VM's directory appears (its daemon is being forked).
 All run N rounds, alternating, after one discarded warm-up each (the warm-up `nvmm up` also
 writes the guest module, the ssh keys and the network state, and puts the runners in the
 store; run and qemu warm up once more with the command line it showed). Everything runs inside a network namespace made for the run, nix with
-NIX_CONFIG='substituters =' and nvmm with temporary NVMM_RUNTIME_DIR/NVMM_STATE_DIR.
+NIX_CONFIG='substituters =' and nvmm with temporary NVMM_RUNTIME_DIR/NVMM_STATE_DIR, the
+runtime one on a tmpfs of its own, as root's /run/nvmm is on a Debian host (see lib.sh).
 Reported: p50 of each figure and the ratios up/qemu and run/qemu. Compare ratios, not absolute
 times: shared machines are noisy, and on kvm-pvm hosts the guest's instructions are emulated.
 
@@ -122,7 +123,7 @@ ip -n "$ns" link set lo up
 export NIX_CONFIG='substituters ='
 export NVMM_RUNTIME_DIR=$work/run NVMM_STATE_DIR=$work/state
 
-ip netns exec "$ns" python3 - "$runs" "$count" "$mem" "$nvmm" "$guest" "$only" "$json" \
+bench_netns_exec_tmpfs_runtime "$ns" python3 - "$runs" "$count" "$mem" "$nvmm" "$guest" "$only" "$json" \
     "$work" <<'PY'
 """Start COUNT VMs at once with nvmm up, nvmm run and QEMU; time the markers, sum memory."""
 import json, math, os, re, select, shutil, signal, subprocess, sys, time
