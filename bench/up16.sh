@@ -528,7 +528,7 @@ def report_up(up, result):
         ("nix eval: names, runners, built?", lambda s: s["evaluated"] - s["evaluating"]),
         ("nix build if any, network joined (-> 1st VM forked)",
          lambda s: s["first_start"] - s["evaluated"]),
-        (f"{count} VMs started one after another", lambda s: s["last_ready"] - s["first_start"]),
+        (f"{count} VMs forked at once, until the last runs", lambda s: s["last_ready"] - s["first_start"]),
         ("last ready -> all at marker", lambda s: s["all_markers"] - s["last_ready"]),
         ("last ready -> nvmm up returned", lambda s: s["returned"] - s["last_ready"]),
     ]
@@ -544,8 +544,8 @@ def report_up(up, result):
     first = p50(lambda s: s["first_marker"] - s["first_start"])
     print(f"  before the first VM is forked (mostly nix): {nix:.1f} of {total:.1f} ms to all at "
           "marker")
-    print(f"  per VM: fork -> \"runs in the background\" p50 {each:.1f} ms (set-up, then its "
-          f"parent waits for it to run before forking the next); {gap:.1f} ms between forks; "
+    print(f"  per VM: fork -> \"runs in the background\" p50 {each:.1f} ms (its set-up and boot, "
+          f"side by side with the others'); {gap:.1f} ms between forks; "
           f"first VM fork -> its marker {first:.1f} ms")
     down = p50(lambda s: s["down"])
     print(f"  nvmm down --force of {count}: p50 {down:.1f} ms")
