@@ -54,6 +54,7 @@ bench_netns_exec_tmpfs_runtime() {
     local ns=$1
     shift
     mkdir -p "$NVMM_RUNTIME_DIR"
+    # shellcheck disable=SC2016 # expanded by the inner sh, in the new mount namespace
     ip netns exec "$ns" sh -c 'mount -t tmpfs -o mode=0755 nvmm-bench-runtime "$NVMM_RUNTIME_DIR" &&
         exec "$@"' sh "$@"
 }
