@@ -86,6 +86,11 @@ impl TestRing {
         mem.write_obj(idx, GuestAddress(self.avail + 2)).unwrap();
     }
 
+    /// Where the available ring is.
+    pub fn avail_addr(&self) -> u64 {
+        self.avail
+    }
+
     /// Where the used ring is.
     pub fn used_addr(&self) -> u64 {
         self.used

@@ -182,11 +182,11 @@ impl Block {
     /// drain, re-enable, and drain again if the driver added requests meanwhile. Interrupts the
     /// driver only if it asked to be (event idx).
     ///
-    /// Each request goes to the used ring as soon as it is done, not at the end of the drain: a
-    /// driver that polls the used ring refills the slot while the device works through the
-    /// rest, and the device finds that request without a notification (an exit) and without
-    /// sleeping. The driver is interrupted at the end of every pass over the available ring, so
-    /// a driver that keeps the ring full still hears of its completions.
+    /// Requests go to the used ring as they are done, `USED_BATCH` at a time, not at the end of
+    /// the drain: a driver that polls the used ring refills those slots while the device works
+    /// through the rest, and the device finds the new requests without a notification (an
+    /// exit) and without sleeping. The driver is interrupted at the end of every pass over the
+    /// available ring, so a driver that keeps the ring full still hears of its completions.
     pub fn process_queue(&mut self) {
         let DeviceState::Activated(state) = &self.state else {
             return;
@@ -197,6 +197,8 @@ impl Block {
                 Ok(0) => {}
                 Ok(_) => self.interrupt_if_due(&mem),
                 Err(err) => {
+                    // The requests done before the ring broke are in the used ring: say so.
+                    self.interrupt_if_due(&mem);
                     self.mistake(mistake::QUEUE_ERROR, format_args!("broken queue: {err}"));
                     return;
                 }

@@ -426,3 +426,29 @@ fn completions_reach_the_used_ring_a_batch_at_a_time_during_the_pass() {
     // One pass over the ring: one interrupt.
     assert_eq!(h.irq.read().unwrap(), 1);
 }
+
+#[test]
+fn requests_done_before_the_ring_breaks_are_returned_with_an_interrupt() {
+    let mut h = harness("broken-mid-pass", false);
+    // The request reads sector 100 (every byte 100) over the available ring from its index on:
+    // the driver's index jumps 25,700 ahead, more than a queue, and the next pop fails.
+    h.header(VIRTIO_BLK_T_IN, 100);
+    let avail_idx = h.ring.avail_addr() + 2;
+    h.add_chain(&[
+        (HEADER, 16, false),
+        (avail_idx, 512, true),
+        (STATUS, 1, true),
+    ]);
+    let lines = logged(|| h.block.process_queue());
+    assert_eq!(
+        h.mem.read_obj::<u16>(GuestAddress(avail_idx)).unwrap(),
+        0x6464
+    );
+    assert_eq!(h.status(), VIRTIO_BLK_S_OK as u8);
+    assert_eq!(h.used_idx(), 1);
+    assert_eq!(h.irq.read().unwrap(), 1, "the completion is announced");
+    assert!(
+        lines.iter().any(|l| l.contains("broken queue")),
+        "{lines:#?}"
+    );
+}
