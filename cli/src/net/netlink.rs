@@ -1,8 +1,8 @@
 //! A thin, synchronous rtnetlink client with exactly the operations nvmm's host networking
-//! needs: create a bridge, delete a link, set a link up, attach a link to a bridge, add an IPv4
-//! address, look up a link, and list links, IPv4 addresses and IPv4 routes. Messages are rust-netlink's
-//! `netlink-packet-route` types sent over a plain blocking `netlink-sys` socket: no async
-//! runtime, no `ip` command.
+//! needs: create a bridge, delete a link, set a link up, attach a link to a bridge and set it
+//! up, add an IPv4 address, look up a link by name, and list links, IPv4 addresses and IPv4
+//! routes. Messages are rust-netlink's `netlink-packet-route` types sent over a plain blocking
+//! `netlink-sys` socket: no async runtime, no `ip` command.
 //!
 //! A socket belongs to the network namespace of the thread that opened it, which is what lets
 //! the tests work in private namespaces.
