@@ -1,20 +1,24 @@
 //! TCP checksums of whole Ethernet frames, computed by the guest in the
 //! driver instead of in smoltcp.
 //!
-//! The device offers checksum offload and the guest refuses it: every
-//! checksum is computed here, in software. This module does the TCP ones
-//! (smoltcp is told to skip them) because of cost: smoltcp sums 16-bit words
-//! one at a time, about three instructions per two bytes, and kvm-pvm
-//! emulates every instruction of this guest (about 0.5 us each), so a
-//! full-size segment cost over a millisecond to sum. Here the sum takes
-//! 64-bit words with add-with-carry, seven instructions per 32 bytes. The
-//! IPv4 header and ICMP checksums, which cover a few bytes, stay with smoltcp.
+//! Receive checksum offload is refused and transmit checksum offload is used
+//! only for the large frames of segmentation offload ([`seed_tcp_partial`],
+//! see `tso.rs`): every other checksum is computed in software. This module
+//! does the TCP ones (smoltcp is told to skip them) because of cost: smoltcp
+//! sums 16-bit words one at a time, about three instructions per two bytes,
+//! and kvm-pvm emulates every instruction of this guest at CPL 0 (about
+//! 0.5 us each), so a full-size segment cost over a millisecond to sum. Here
+//! the sum takes 64-bit words with add-with-carry, seven instructions per 32
+//! bytes. The IPv4 header and ICMP checksums, which cover a few bytes, stay
+//! with smoltcp (but a large frame's IPv4 header, [`fill_ipv4_header`]).
 
 use core::arch::asm;
 
 const ETHERTYPE_IPV4: u16 = 0x0800;
 const ETHERNET_HEADER: usize = 14;
 const IP_PROTOCOL_TCP: u8 = 6;
+/// Offset of the checksum in the IPv4 header.
+const IPV4_CHECKSUM: usize = 10;
 /// Offset of the checksum in the TCP header.
 const TCP_CHECKSUM: usize = 16;
 const TCP_HEADER_MIN: usize = 20;
@@ -80,6 +84,30 @@ pub fn fill_tcp(frame: &mut [u8]) {
     // The sum is of little-endian words: its complement, stored
     // little-endian, is the big-endian checksum (RFC 1071, 2(B)).
     frame[field..field + 2].copy_from_slice(&(!sum).to_le_bytes());
+}
+
+/// Fills in the IPv4 header checksum of a frame (IPv4, as [`fill_tcp`]
+/// finds it; anything else is left alone).
+pub fn fill_ipv4_header(frame: &mut [u8]) {
+    let Some(segment) = tcp_segment(frame) else {
+        return;
+    };
+    let header = ETHERNET_HEADER..segment.start;
+    let field = ETHERNET_HEADER + IPV4_CHECKSUM;
+    frame[field..field + 2].copy_from_slice(&[0, 0]);
+    let sum = fold(sum(&frame[header]));
+    frame[field..field + 2].copy_from_slice(&(!sum).to_le_bytes());
+}
+
+/// Puts the pseudo-header sum (not its complement) in a TCP frame's
+/// checksum field, for a device that finishes the checksum: the
+/// `VIRTIO_NET_HDR_F_NEEDS_CSUM` convention, as Linux's `tcp_v4_send_check`.
+pub fn seed_tcp_partial(frame: &mut [u8]) {
+    let Some(segment) = tcp_segment(frame) else {
+        return;
+    };
+    let field = segment.start + TCP_CHECKSUM;
+    frame[field..field + 2].copy_from_slice(&fold(segment.pseudo_sum).to_le_bytes());
 }
 
 /// Whether an incoming frame's TCP checksum is right (true for anything that

@@ -34,6 +34,7 @@ mod scenarios;
 mod serial_irq;
 mod smp;
 mod time;
+mod tso;
 mod virtio_mmio;
 mod virtqueue;
 

@@ -3,13 +3,14 @@
 //!
 //! Queue 0 receives, queue 1 transmits; there is no control queue. Features
 //! accepted when offered: MAC, STATUS, MRG_RXBUF (unless
-//! `virtio_net_mrg_rxbuf=0`), and the transport's VERSION_1, EVENT_IDX and
-//! INDIRECT_DESC. No checksum or segmentation offload: the guest computes
-//! every checksum itself (TCP's in this driver, see [`checksum`], the rest in
-//! smoltcp), so each frame is a plain Ethernet frame of at most
-//! [`MAX_FRAME`] bytes and every virtio-net header is all zero (but
-//! `num_buffers` on receive). A received TCP segment with a wrong checksum is
-//! dropped here.
+//! `virtio_net_mrg_rxbuf=0`), CSUM with HOST_TSO4 (unless `virtio_net_tso=0`
+//! or `virtio_net_tx_split=1`), and the transport's VERSION_1, EVENT_IDX and
+//! INDIRECT_DESC. No offload on receive: each received frame is a plain
+//! Ethernet frame of at most [`MAX_FRAME`] bytes, with a virtio-net header
+//! that is all zero but `num_buffers`, and a received TCP segment with a
+//! wrong checksum is dropped here. The guest computes every checksum of what
+//! it sends itself (TCP's in this driver, see [`checksum`], the rest in
+//! smoltcp), but for the large frames of [`tso`](crate::tso).
 //!
 //! **Receive**: the receive queue holds up to [`MAX_RX_BUFFERS`] buffers of
 //! `rx_buffer` bytes (2 KiB unless `virtio_net_rx_buffer=N`), one
@@ -24,7 +25,13 @@
 //! smoltcp writes in place, sent as one device-readable descriptor (or, with
 //! `virtio_net_tx_split=1`, as two: the header and the frame 64 bytes further,
 //! through an indirect table in the slot when INDIRECT_DESC is negotiated, as
-//! Linux sends multi-segment frames).
+//! Linux sends multi-segment frames). With HOST_TSO4, the device that smoltcp
+//! uses also has [`TSO_SLOTS`] slots for large frames: a TCP data segment
+//! that could start one is copied into a free one and its small slot freed at
+//! once, the segments after it that carry on its stream are appended, and the
+//! large frame is queued (one descriptor) when a segment does not fit on, or
+//! at the first [`NetDevice::flush`] after a poll that added nothing to it.
+//! Frames go to the device in the order smoltcp wrote them.
 //!
 //! Notifications follow the event-index rules ([`Virtqueue::needs_notification`]);
 //! the driver decides once per [`NetDevice::flush`], which the stack calls after
@@ -38,6 +45,8 @@ use smoltcp::time::Instant;
 
 use crate::checksum;
 use crate::dma::{Arena, DmaBuf};
+use crate::mem::zeroed;
+use crate::tso::{OpenFrame, Segment};
 use crate::virtio_mmio::{F_EVENT_IDX, F_INDIRECT_DESC, Options, Transport};
 use crate::virtqueue::{Buf, Virtqueue};
 
@@ -45,6 +54,8 @@ use crate::virtqueue::{Buf, Virtqueue};
 pub const F_MAC: u64 = 1 << 5;
 pub const F_MRG_RXBUF: u64 = 1 << 15;
 pub const F_STATUS: u64 = 1 << 16;
+pub const F_CSUM: u64 = 1 << 0;
+pub const F_HOST_TSO4: u64 = 1 << 11;
 
 // Configuration space (struct virtio_net_config).
 const CFG_MAC: u64 = 0;
@@ -90,6 +101,16 @@ const TX_TABLE: usize = TX_SPLIT_FRAME + MAX_FRAME + 6;
 /// Most frames in flight (fewer if the queue is smaller).
 const MAX_TX_SLOTS: usize = 128;
 
+/// Slots for large frames (segmentation offload): as many as smoltcp's
+/// 256 KiB send buffers of the stream scenarios keep in flight.
+const TSO_SLOTS: usize = 4;
+/// A large frame's slot: its header, then up to a whole IPv4 packet and the
+/// Ethernet header.
+const TSO_SLOT: usize = 66 * 1024;
+/// Tokens of large frames' slots start here (small slots' are below).
+const TSO_TOKEN_BASE: u16 = MAX_TX_SLOTS as u16;
+
+const _: () = assert!(HEADER_LEN + 14 + 65_535 <= TSO_SLOT);
 const _: () = assert!(TX_TABLE.is_multiple_of(16) && TX_TABLE + 32 <= TX_SLOT);
 const _: () = assert!(HEADER_LEN + MAX_FRAME <= TX_SLOT);
 
@@ -104,6 +125,8 @@ pub struct NetOptions {
     pub rx_buffer: usize,
     /// Header and frame in separate descriptors (`virtio_net_tx_split=1`).
     pub tx_split: bool,
+    /// Accept CSUM and HOST_TSO4 (`virtio_net_tso=0` refuses them).
+    pub tso: bool,
 }
 
 /// Counters for the end-of-scenario line.
@@ -115,7 +138,11 @@ pub struct Stats {
     /// Frames dropped: shorter than a header, too long, or with a wrong TCP
     /// checksum.
     pub rx_dropped: u64,
+    /// Frames given to the device; a large one counts once.
     pub tx_frames: u64,
+    /// Large frames (segmentation offload), and the segments they hold.
+    pub tso_frames: u64,
+    pub tso_segments: u64,
     /// QueueNotify writes, both queues.
     pub notifications: u64,
 }
@@ -156,6 +183,11 @@ impl NetDevice {
         }
         if options.virtio.indirect {
             wanted |= F_INDIRECT_DESC;
+        }
+        // Large frames go as one descriptor; split mode keeps Linux's
+        // header-apart layout for plain frames only.
+        if options.tso && !options.tx_split {
+            wanted |= F_CSUM | F_HOST_TSO4;
         }
         let features = transport.negotiate(wanted)?;
         let has = |bit| features & bit != 0;
@@ -203,6 +235,7 @@ impl NetDevice {
             free_count: 0,
             split: options.tx_split,
             indirect,
+            tso: None,
             frames: 0,
         };
         for slot in 0..tx_count {
@@ -230,6 +263,38 @@ impl NetDevice {
         }
         dev.flush();
         Ok(dev)
+    }
+
+    /// Gives the device large-frame slots from `arena`, if it offered
+    /// segmentation offload and its transmit queue has a descriptor for each
+    /// beside the small slots. Only the device smoltcp uses needs them.
+    pub fn enable_tso(&mut self, arena: &mut Arena) -> Result<(), &'static str> {
+        let offered = self.features & (F_CSUM | F_HOST_TSO4) == F_CSUM | F_HOST_TSO4;
+        let small = self.tx.free_count;
+        if !offered || small + TSO_SLOTS > usize::from(self.tx.queue.size()) {
+            return Ok(());
+        }
+        let mut free = [0; TSO_SLOTS];
+        for (slot, entry) in free.iter_mut().enumerate() {
+            *entry = slot as u16;
+        }
+        self.tx.tso = Some(Tso {
+            slots: arena.alloc(TSO_SLOTS * TSO_SLOT, 4096)?,
+            free,
+            free_count: TSO_SLOTS,
+            open: None,
+            grew: false,
+            // Opaque zeroes: LLVM would zero the two counters with `xorps`
+            // (see `zeroed`).
+            frames: zeroed(),
+            segments: zeroed(),
+        });
+        Ok(())
+    }
+
+    /// Whether large frames are in use.
+    pub fn tso(&self) -> bool {
+        self.tx.tso.is_some()
     }
 
     /// The six MAC bytes, read a byte at a time until the configuration
@@ -272,8 +337,14 @@ impl NetDevice {
     }
 
     pub fn stats(&self) -> Stats {
+        let (tso_frames, tso_segments) = match &self.tx.tso {
+            Some(tso) => (tso.frames, tso.segments),
+            None => (0, 0),
+        };
         Stats {
             tx_frames: self.tx.frames,
+            tso_frames,
+            tso_segments,
             notifications: self.notifications,
             ..self.rx.stats
         }
@@ -295,6 +366,7 @@ impl NetDevice {
     /// Reclaims sent frames and notifies each queue that has new buffers, if
     /// the device asked to hear about them. Call after each smoltcp poll.
     pub fn flush(&mut self) {
+        self.tx.flush_large_frame();
         self.reclaim_tx();
         for (index, queue) in [
             (RX_QUEUE, &mut self.rx.queue),
@@ -490,7 +562,74 @@ struct TxRing {
     free_count: usize,
     split: bool,
     indirect: bool,
+    /// Large frames' slots, on the device smoltcp uses when it offers TSO.
+    tso: Option<Tso>,
     frames: u64,
+}
+
+/// Slots for large frames, and the one being put together.
+struct Tso {
+    /// Slot `n` is `slots[n * TSO_SLOT..][..TSO_SLOT]`; its token is
+    /// `TSO_TOKEN_BASE + n`.
+    slots: DmaBuf,
+    free: [u16; TSO_SLOTS],
+    free_count: usize,
+    open: Option<OpenFrame>,
+    /// A segment joined or started the open frame since the last flush.
+    grew: bool,
+    frames: u64,
+    segments: u64,
+}
+
+impl Tso {
+    fn slot_addr(&self, slot: u16) -> u64 {
+        self.slots.addr() + (usize::from(slot) * TSO_SLOT) as u64
+    }
+
+    /// Slot `slot`'s header and frame areas.
+    ///
+    /// # Safety
+    /// The slot must be the guest's: free, or holding the open frame.
+    unsafe fn areas(&mut self, slot: u16) -> (&mut [u8], &mut [u8]) {
+        let addr = self.slot_addr(slot);
+        // SAFETY: the slot lies inside `slots` and the device does not read
+        // it (the caller's promise); `&mut self` keeps the two areas the only
+        // references to it.
+        let bytes = unsafe { core::slice::from_raw_parts_mut(addr as *mut u8, TSO_SLOT) };
+        bytes.split_at_mut(HEADER_LEN)
+    }
+
+    /// Takes `frame` (a segment smoltcp wrote, in a small slot) into the
+    /// open large frame, or, with none open, into a new one. False if it is
+    /// not that kind of segment, does not carry on the open frame, or no
+    /// large slot is free.
+    fn take(&mut self, frame: &[u8]) -> bool {
+        let Some(segment) = Segment::parse(frame) else {
+            return false;
+        };
+        if let Some(mut open) = self.open {
+            // SAFETY: the open frame's slot is the guest's until queued.
+            let (_, bytes) = unsafe { self.areas(open.slot) };
+            if open.accepts(bytes, &segment, frame) {
+                open.append(bytes, &segment, frame);
+                self.open = Some(open);
+                self.grew = true;
+                return true;
+            }
+            return false;
+        }
+        if self.free_count == 0 {
+            return false;
+        }
+        self.free_count -= 1;
+        let slot = self.free[self.free_count];
+        // SAFETY: the slot was free.
+        let (_, bytes) = unsafe { self.areas(slot) };
+        bytes[..frame.len()].copy_from_slice(frame);
+        self.open = Some(OpenFrame::start(slot, segment));
+        self.grew = true;
+        true
+    }
 }
 
 impl TxRing {
@@ -520,10 +659,61 @@ impl TxRing {
     /// Takes back the slots of frames the device has sent.
     fn reclaim(&mut self) -> Result<(), &'static str> {
         while let Some(used) = self.queue.pop_used()? {
-            self.free[self.free_count] = used.token;
-            self.free_count += 1;
+            match (&mut self.tso, used.token.checked_sub(TSO_TOKEN_BASE)) {
+                (Some(tso), Some(slot)) => {
+                    tso.free[tso.free_count] = slot;
+                    tso.free_count += 1;
+                }
+                _ => {
+                    self.free[self.free_count] = used.token;
+                    self.free_count += 1;
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Queues the open large frame unless it grew since the last flush:
+    /// smoltcp writes one segment per poll, so a frame stays open for as
+    /// many polls as its stream keeps sending, and goes out at the first
+    /// poll that sends nothing more (a full window, an empty buffer).
+    fn flush_large_frame(&mut self) {
+        match self.tso.as_mut() {
+            Some(tso) if tso.grew => tso.grew = false,
+            Some(_) => {
+                self.close_large_frame();
+            }
+            None => {}
+        }
+    }
+
+    /// Queues the large frame being put together, if there is one (and
+    /// says whether there was).
+    fn close_large_frame(&mut self) -> bool {
+        let Some(tso) = self.tso.as_mut() else {
+            return false;
+        };
+        let Some(open) = tso.open.take() else {
+            return false;
+        };
+        let addr = tso.slot_addr(open.slot);
+        // SAFETY: the open frame's slot is the guest's until queued below.
+        let (header, frame) = unsafe { tso.areas(open.slot) };
+        open.finish(header, frame);
+        tso.frames += u64::from(open.segments > 1);
+        tso.segments += u64::from(open.segments);
+        let whole = Buf {
+            addr,
+            len: (HEADER_LEN + open.len) as u32,
+            device_writes: false,
+        };
+        // SAFETY: the slot is the device's until its token comes back in
+        // `reclaim`; the queue has a descriptor for every small and large
+        // slot (`enable_tso` checked).
+        let added = unsafe { self.queue.add(once(whole), 1, TSO_TOKEN_BASE + open.slot) };
+        debug_assert!(added.is_ok(), "transmit queue full");
+        self.frames += 1;
+        true
     }
 
     /// Sends the `len`-byte frame that `fill` writes, in a free slot.
@@ -541,6 +731,24 @@ impl TxRing {
         // area lies inside the slot (see the TX_* layout checks).
         let frame = unsafe { core::slice::from_raw_parts_mut(frame_addr as *mut u8, len) };
         let result = fill(frame);
+        let mut taken = self.tso.as_mut().is_some_and(|tso| tso.take(frame));
+        // A segment that does not carry on the open large frame may start
+        // the next one; whatever happens, the open one goes first.
+        if !taken && self.close_large_frame() {
+            taken = self.tso.as_mut().is_some_and(|tso| tso.take(frame));
+        }
+        if taken {
+            // The segment's bytes are in a large slot now.
+            self.free_count += 1;
+            if self
+                .tso
+                .as_ref()
+                .is_some_and(|tso| tso.open.is_some_and(|open| open.ended()))
+            {
+                self.close_large_frame();
+            }
+            return result;
+        }
         checksum::fill_tcp(frame);
         let header = Buf {
             addr,

@@ -154,7 +154,7 @@ impl fmt::Display for Mac {
 }
 
 /// The `virtio_*` options and `virtio_net_mrg_rxbuf=0`,
-/// `virtio_net_rx_buffer=N`, `virtio_net_tx_split=1`.
+/// `virtio_net_rx_buffer=N`, `virtio_net_tx_split=1`, `virtio_net_tso=0`.
 fn net_options(boot: &BootInfo) -> Result<NetOptions, &'static str> {
     let switch = |key: &[u8], default, reason| match cmdline_value(boot.cmdline, key) {
         None => Ok(default),
@@ -177,6 +177,7 @@ fn net_options(boot: &BootInfo) -> Result<NetOptions, &'static str> {
         mrg_rxbuf: switch(b"virtio_net_mrg_rxbuf", true, "bad-virtio-net-mrg-rxbuf")?,
         rx_buffer,
         tx_split: switch(b"virtio_net_tx_split", false, "bad-virtio-net-tx-split")?,
+        tso: switch(b"virtio_net_tso", true, "bad-virtio-net-tso")?,
     })
 }
 
@@ -249,6 +250,8 @@ impl<'s> Stack<'s> {
             first.get_or_insert(dev);
         }
         let mut dev = first.ok_or("no-net-device")?;
+        dev.enable_tso(&mut arena)?;
+        say!("net dev={} tso={}", dev.index(), u8::from(dev.tso()));
 
         let mut iface_config = Config::new(HardwareAddress::Ethernet(EthernetAddress(dev.mac())));
         iface_config.random_seed = rdtsc();
@@ -390,12 +393,15 @@ impl<'s> Stack<'s> {
     pub fn say_stats(&self) {
         let stats = self.dev.stats();
         say!(
-            "net dev={} rx_frames={} rx_merged={} rx_dropped={} tx_frames={} notifications={}",
+            "net dev={} rx_frames={} rx_merged={} rx_dropped={} tx_frames={} tso_frames={} \
+             tso_segments={} notifications={}",
             self.dev.index(),
             stats.rx_frames,
             stats.rx_merged,
             stats.rx_dropped,
             stats.tx_frames,
+            stats.tso_frames,
+            stats.tso_segments,
             stats.notifications
         );
     }
