@@ -8,13 +8,14 @@ set -euo pipefail
 usage() {
     cat <<'USAGE'
 Usage: bench/net.sh [-h] [-n N] [--mib MIB] [--nvmm PATH] [--guest PATH] [--only nvmm|qemu]
-                    [--json FILE]
+                    [--no-tso] [--json FILE]
 
 The test guest's "net_bench" scenario (tests/guest/README.md), at CPL 3 as in blk.sh
 (nvmm_cpl3=1), connects to a server this harness runs on the host end of the tap, sends MIB
 MiB (markers 0x30 .. 0x31 on I/O port 0x80), then receives MIB MiB from the host (0x32 ..
-0x33). nvmm's markers come from its -v log, QEMU's from an isa-debugcon on port 0x80; this
-harness timestamps both on arrival. QEMU uses its default userspace virtio-net backend on the
+0x33). The guest sends with segmentation offload (frames of up to 64 KiB, as Linux's TCP
+does; both monitors offer it). nvmm's markers come from its -v log, QEMU's from an
+isa-debugcon on port 0x80; this harness timestamps both on arrival. QEMU uses its default userspace virtio-net backend on the
 same kind of tap (no vhost-net). Each monitor runs N times
 (alternating); the table shows medians and nvmm/QEMU ratios. Target: nvmm >= 1.0x QEMU.
 The host row is loopback TCP inside the same namespace (the physical limit of this machine).
@@ -27,6 +28,7 @@ Options:
   --guest PATH  test guest ELF (default $NVMM_TEST_GUEST, else the one cargo built beside the
                 nvmm binary)
   --only WHICH  measure only nvmm or only qemu
+  --no-tso      the guest sends plain frames of at most 1514 bytes (virtio_net_tso=0)
   --json FILE   also write the figures as JSON
 Needs root (network namespace, tap).
 USAGE
@@ -35,7 +37,7 @@ USAGE
 # shellcheck source=bench/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-runs=3 mib=32 nvmm='' guest=${NVMM_TEST_GUEST:-} only='' json=''
+runs=3 mib=32 nvmm='' guest=${NVMM_TEST_GUEST:-} only='' json='' tso=1
 while [[ $# -gt 0 ]]; do
     case $1 in
         -h | --help) usage; exit 0 ;;
@@ -44,6 +46,7 @@ while [[ $# -gt 0 ]]; do
         --nvmm) nvmm=${2:?}; shift ;;
         --guest) guest=${2:?}; shift ;;
         --only) only=${2:?}; shift ;;
+        --no-tso) tso=0 ;;
         --json) json=${2:?}; shift ;;
         *) usage >&2; die "unknown argument: $1" ;;
     esac
@@ -57,7 +60,7 @@ bench_setup "$only"
 
 bench_netns
 
-ip netns exec "$bench_ns" python3 - "$runs" "$mib" "$nvmm" "$guest" "$only" "$json" <<'PY'
+ip netns exec "$bench_ns" python3 - "$runs" "$mib" "$nvmm" "$guest" "$only" "$json" "$tso" <<'PY'
 """Serve the guest's net_bench, timestamp its port-0x80 phase markers."""
 import json, socket, statistics, subprocess, sys, threading, time
 
@@ -66,6 +69,7 @@ from markers import time_markers
 
 runs, mib = int(sys.argv[1]), int(sys.argv[2])
 nvmm, guest, only, json_path = sys.argv[3:7]
+TSO = sys.argv[7] == "1"
 TIMEOUT_S, TOTAL = 300.0, mib << 20
 PHASES = [("guest->host MiB/s", 0x30, 0x31), ("host->guest MiB/s", 0x32, 0x33)]
 
@@ -76,7 +80,7 @@ def run_once(name):
     server = threading.Thread(target=netbench.serve, args=(listener, TOTAL, errors),
                               daemon=True)
     server.start()
-    p = subprocess.Popen(netbench.argv(name, nvmm, guest, mib, markers=True, cpl3=True),
+    p = subprocess.Popen(netbench.argv(name, nvmm, guest, mib, markers=True, cpl3=True, tso=TSO),
                          stdin=subprocess.DEVNULL,
                          stdout=subprocess.PIPE if name == "qemu" else subprocess.DEVNULL,
                          stderr=subprocess.PIPE if name == "nvmm" else subprocess.DEVNULL)
@@ -125,7 +129,8 @@ for i in range(runs):
 
 table = {n: {label: statistics.median(s[label] for s in samples[n]) for label, *_ in PHASES}
          for n in samples}
-print(f"virtio-net benchmark: {runs} runs each, {mib} MiB each way")
+print(f"virtio-net benchmark: {runs} runs each, {mib} MiB each way"
+      + ("" if TSO else ", no segmentation offload"))
 header = f"{'':20}" + "".join(f"{n:>10}" for n in samples)
 if len(names) == 2:
     header += f"{'nvmm/qemu':>11}"

@@ -8,24 +8,26 @@ from markers import QEMU_DEBUGCON
 HOST, PORT, MAC = "10.77.0.1", 5001, "52:54:00:12:34:56"
 
 
-def cmdline(mib, cpl3):
+def cmdline(mib, cpl3, tso=True):
     """With `cpl3`, the guest runs the benchmark at CPL 3 (natively on kvm-pvm: see
-    tests/guest/src/ring3.rs)."""
+    tests/guest/src/ring3.rs). Without `tso`, the guest sends plain frames only (no
+    segmentation offload: virtio_net_tso=0)."""
     return (f"nvmm_test=net_bench nvmm_ip=10.77.0.2/24 nvmm_gw={HOST} "
-            f"connect={HOST}:{PORT} bench_mib={mib}" + (" nvmm_cpl3=1" if cpl3 else ""))
+            f"connect={HOST}:{PORT} bench_mib={mib}" + (" nvmm_cpl3=1" if cpl3 else "")
+            + ("" if tso else " virtio_net_tso=0"))
 
 
-def argv(name, nvmm, guest, mib, markers, cpl3):
+def argv(name, nvmm, guest, mib, markers, cpl3, tso=True):
     """The monitor's argv; with `markers`, port-0x80 writes reach the harness (see markers.py),
     and QEMU's serial console is dropped (its stdout carries the markers)."""
     if name == "nvmm":
         return [nvmm, "run"] + (["-v"] if markers else []) + [
-            "--kernel", guest, "--mem", "64", "--cmdline", cmdline(mib, cpl3),
+            "--kernel", guest, "--mem", "64", "--cmdline", cmdline(mib, cpl3, tso),
             "--tap", f"tap0,mac={MAC}"]
     return ["qemu-system-x86_64", "-M", "microvm,acpi=off", "-accel", "kvm", "-m", "64",
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-global", "virtio-mmio.force-legacy=false", "-kernel", guest,
-            "-append", cmdline(mib, cpl3),
+            "-append", cmdline(mib, cpl3, tso),
             "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
             "-device", f"virtio-net-device,netdev=n0,mac={MAC}",
             # Without ACPI the guest's power-off falls back to an i8042 reset, which ends nvmm;
