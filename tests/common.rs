@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -127,10 +128,26 @@ fn wait_with(mut child: Child, guard: Duration) -> Output {
     }
 }
 
+/// Makes the process `cmd` starts die with the thread that starts it: a test that fails before
+/// it stops a VM it left running (a server, say) must not leave it burning CPU after the test.
+/// Processes the VM forks (`--detach`, `nvmm up`) are not affected: fork clears the setting.
+pub fn kill_with_test_thread(cmd: &mut Command) -> &mut Command {
+    // SAFETY: the closure runs in the child between fork and exec and only calls prctl, which is
+    // async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
 /// Starts `cmd` with stdin at EOF and its output piped; returns it with its stdout taken, for
-/// [`read_until`] while it runs.
+/// [`read_until`] while it runs. It dies with the calling thread ([`kill_with_test_thread`]).
 pub fn spawn_reading_stdout(mut cmd: Command) -> (Child, ChildStdout) {
-    let mut child = cmd
+    let mut child = kill_with_test_thread(&mut cmd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -52,10 +52,14 @@ impl Netns {
         assert!(status.success(), "ip -n {} {args:?} failed", self.name);
     }
 
-    /// A command that runs `program` inside the namespace.
+    /// A command that runs `program` inside the namespace (`ip netns exec` execs it in place);
+    /// it dies with the thread that starts it ([`kill_with_test_thread`]).
+    ///
+    /// [`kill_with_test_thread`]: crate::common::kill_with_test_thread
     pub fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.name, program]);
+        crate::common::kill_with_test_thread(&mut cmd);
         cmd
     }
 
