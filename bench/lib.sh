@@ -42,8 +42,6 @@ bench_setup() {
     export PYTHONPATH="$PWD/bench${PYTHONPATH:+:$PYTHONPATH}"
 }
 
-# A network namespace $bench_ns holding the tap `tap0` at 10.77.0.1/24 (netbench.py), removed
-# when the calling script exits.
 # Runs COMMAND... in network namespace NS with NVMM_RUNTIME_DIR (which it makes) on a tmpfs of
 # its own, as nvmm's runtime directory is where it counts: root's is /run/nvmm, and /run is a
 # tmpfs on Debian (and on every systemd host). The development machines' /run is on ext4, where
@@ -59,6 +57,8 @@ bench_netns_exec_tmpfs_runtime() {
         exec "$@"' sh "$@"
 }
 
+# A network namespace $bench_ns holding the tap `tap0` at 10.77.0.1/24 (netbench.py), removed
+# when the calling script exits.
 bench_netns() {
     bench_ns=nvmmbench-$$
     trap 'ip netns del "$bench_ns" 2>/dev/null || true' EXIT
