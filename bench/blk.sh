@@ -43,21 +43,16 @@ runs=3 mib=256 ios=20000 dir=/var/tmp nvmm='' guest=${NVMM_TEST_GUEST:-} only=''
 while [[ $# -gt 0 ]]; do
     case $1 in
         -h | --help) usage; exit 0 ;;
-        -n) runs=${2:?}; shift ;;
-        --mib) mib=${2:?}; shift ;;
-        --ios) ios=${2:?}; shift ;;
-        --dir) dir=${2:?}; shift ;;
-        --nvmm) nvmm=${2:?}; shift ;;
-        --guest) guest=${2:?}; shift ;;
-        --only) only=${2:?}; shift ;;
-        --json) json=${2:?}; shift ;;
-        *) usage >&2; die "unknown argument: $1" ;;
+        --mib) mib=${2:?--mib needs a value}; shift ;;
+        --ios) ios=${2:?--ios needs a value}; shift ;;
+        --dir) dir=${2:?--dir needs a value}; shift ;;
+        *) bench_common_option "$@" || { usage >&2; die "unknown argument: $1"; }; shift ;;
     esac
     shift
 done
-[[ $runs =~ ^[1-9][0-9]*$ && $mib =~ ^[1-9][0-9]*$ && $ios =~ ^[1-9][0-9]*$ ]] ||
-    die "-n, --mib and --ios take positive integers"
-[[ -z $only || $only == nvmm || $only == qemu ]] || die "--only takes nvmm or qemu"
+bench_positive -n "$runs"
+bench_positive --mib "$mib"
+bench_positive --ios "$ios"
 
 bench_setup "$only"
 

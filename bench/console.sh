@@ -37,20 +37,15 @@ runs=3 kib=256 keys=50 nvmm='' guest=${NVMM_TEST_GUEST:-} only='' json=''
 while [[ $# -gt 0 ]]; do
     case $1 in
         -h | --help) usage; exit 0 ;;
-        -n) runs=${2:?}; shift ;;
-        --kib) kib=${2:?}; shift ;;
-        --keys) keys=${2:?}; shift ;;
-        --nvmm) nvmm=${2:?}; shift ;;
-        --guest) guest=${2:?}; shift ;;
-        --only) only=${2:?}; shift ;;
-        --json) json=${2:?}; shift ;;
-        *) usage >&2; die "unknown argument: $1" ;;
+        --kib) kib=${2:?--kib needs a value}; shift ;;
+        --keys) keys=${2:?--keys needs a value}; shift ;;
+        *) bench_common_option "$@" || { usage >&2; die "unknown argument: $1"; }; shift ;;
     esac
     shift
 done
-[[ $runs =~ ^[1-9][0-9]*$ && $kib =~ ^[1-9][0-9]*$ && $keys =~ ^[1-9][0-9]*$ ]] ||
-    die "-n, --kib and --keys take positive integers"
-[[ -z $only || $only == nvmm || $only == qemu ]] || die "--only takes nvmm or qemu"
+bench_positive -n "$runs"
+bench_positive --kib "$kib"
+bench_positive --keys "$keys"
 
 bench_setup "$only"
 

@@ -48,23 +48,18 @@ runs=3 mib=16 ios=2000 net_mib=2 dir=/var/tmp nvmm='' guest=${NVMM_TEST_GUEST:-}
 while [[ $# -gt 0 ]]; do
     case $1 in
         -h | --help) usage; exit 0 ;;
-        -n) runs=${2:?}; shift ;;
-        --mib) mib=${2:?}; shift ;;
-        --ios) ios=${2:?}; shift ;;
-        --net-mib) net_mib=${2:?}; shift ;;
-        --dir) dir=${2:?}; shift ;;
-        --nvmm) nvmm=${2:?}; shift ;;
-        --guest) guest=${2:?}; shift ;;
-        --only) only=${2:?}; shift ;;
-        --json) json=${2:?}; shift ;;
-        *) usage >&2; die "unknown argument: $1" ;;
+        --mib) mib=${2:?--mib needs a value}; shift ;;
+        --ios) ios=${2:?--ios needs a value}; shift ;;
+        --net-mib) net_mib=${2:?--net-mib needs a value}; shift ;;
+        --dir) dir=${2:?--dir needs a value}; shift ;;
+        *) bench_common_option "$@" || { usage >&2; die "unknown argument: $1"; }; shift ;;
     esac
     shift
 done
-for number in "$runs" "$mib" "$ios" "$net_mib"; do
-    [[ $number =~ ^[1-9][0-9]*$ ]] || die "-n, --mib, --ios and --net-mib take positive integers"
-done
-[[ -z $only || $only == nvmm || $only == qemu ]] || die "--only takes nvmm or qemu"
+bench_positive -n "$runs"
+bench_positive --mib "$mib"
+bench_positive --ios "$ios"
+bench_positive --net-mib "$net_mib"
 [[ $(id -u) -eq 0 ]] || die "needs root (network namespace, tap, kvm tracepoints)"
 command -v perf >/dev/null || die "perf not found (apt-get install linux-perf)"
 perf stat -e kvm:kvm_emulate_insn -- true >/dev/null 2>&1 ||

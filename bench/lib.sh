@@ -7,6 +7,29 @@ die() { echo "${0##*/}: error: $*" >&2; exit 1; }
 # shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib.sh"
 
+# For a script's argument loop: takes the options every benchmark has, -n N, --nvmm PATH,
+# --guest PATH, --only nvmm|qemu and --json FILE, into $runs, $nvmm, $guest, $only and $json.
+# Returns 1 when $1 is none of them; otherwise the caller shifts the option and its value.
+bench_common_option() {
+    # shellcheck disable=SC2034 # the calling script's variables
+    case $1 in
+        -n) runs=${2:?-n needs a value} ;;
+        --nvmm) nvmm=${2:?--nvmm needs a value} ;;
+        --guest) guest=${2:?--guest needs a value} ;;
+        --only)
+            [[ ${2:?--only needs a value} == nvmm || $2 == qemu ]] || die "--only takes nvmm or qemu"
+            only=$2
+            ;;
+        --json) json=${2:?--json needs a value} ;;
+        *) return 1 ;;
+    esac
+}
+
+# Dies unless VALUE, given with OPTION, is a positive integer; UNIT, if given, is named.
+bench_positive() {
+    [[ $2 =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer${3:+ ($3)}"
+}
+
 # Moves to the repository root, checks python3, /dev/kvm and (unless $1 is "nvmm") QEMU, and
 # fills in $nvmm and $guest where the caller left them empty: nvmm is NVMM_RELEASE_BIN (built
 # by build_release_nvmm if missing), the guest the one cargo built beside the nvmm binary.

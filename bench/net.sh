@@ -41,19 +41,14 @@ runs=3 mib=32 nvmm='' guest=${NVMM_TEST_GUEST:-} only='' json='' tso=1
 while [[ $# -gt 0 ]]; do
     case $1 in
         -h | --help) usage; exit 0 ;;
-        -n) runs=${2:?}; shift ;;
-        --mib) mib=${2:?}; shift ;;
-        --nvmm) nvmm=${2:?}; shift ;;
-        --guest) guest=${2:?}; shift ;;
-        --only) only=${2:?}; shift ;;
+        --mib) mib=${2:?--mib needs a value}; shift ;;
         --no-tso) tso=0 ;;
-        --json) json=${2:?}; shift ;;
-        *) usage >&2; die "unknown argument: $1" ;;
+        *) bench_common_option "$@" || { usage >&2; die "unknown argument: $1"; }; shift ;;
     esac
     shift
 done
-[[ $runs =~ ^[1-9][0-9]*$ && $mib =~ ^[1-9][0-9]*$ ]] || die "-n and --mib take positive integers"
-[[ -z $only || $only == nvmm || $only == qemu ]] || die "--only takes nvmm or qemu"
+bench_positive -n "$runs"
+bench_positive --mib "$mib"
 [[ $(id -u) -eq 0 ]] || die "needs root (network namespace and tap)"
 
 bench_setup "$only"

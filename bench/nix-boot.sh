@@ -55,17 +55,11 @@ json=
 while [[ $# -gt 0 ]]; do
     case $1 in
         -h | --help) usage; exit 0 ;;
-        -n) runs=${2:?-n needs a value}; shift ;;
-        --nvmm) nvmm=${2:?--nvmm needs a value}; shift ;;
-        --guest) guest=${2:?--guest needs a value}; shift ;;
-        --only) only=${2:?--only needs a value}; shift ;;
-        --json) json=${2:?--json needs a value}; shift ;;
-        *) usage >&2; die "unknown argument: $1" ;;
+        *) bench_common_option "$@" || { usage >&2; die "unknown argument: $1"; }; shift ;;
     esac
     shift
 done
-[[ $runs =~ ^[1-9][0-9]*$ ]] || die "-n must be a positive integer"
-[[ -z $only || $only == nvmm || $only == qemu ]] || die "--only takes nvmm or qemu"
+bench_positive -n "$runs"
 [[ $(id -u) -eq 0 ]] || die "needs root (nvmm boot joins a network; this runs it in a namespace)"
 command -v nix >/dev/null || die "nix not found (apt-get install nix-bin)"
 [[ -z $json || $json == /* ]] || json=$PWD/$json
