@@ -418,64 +418,60 @@ impl Netlink {
     /// Sends a request that changes something and waits for the kernel's acknowledgement.
     fn request(&mut self, msg: RouteNetlinkMessage, flags: u16) -> io::Result<()> {
         let sequence = self.send(msg, NLM_F_ACK | flags)?;
-        loop {
-            for reply in self.receive()? {
-                if reply.header.sequence_number != sequence {
-                    continue;
-                }
-                if let NetlinkPayload::Error(error) = reply.payload {
-                    return match error.code {
-                        None => Ok(()),
-                        Some(code) => Err(kernel_error(code.get())),
-                    };
-                }
-            }
-        }
+        self.await_replies(sequence, |payload| match payload {
+            NetlinkPayload::Error(error) => Some(match error.code {
+                None => Ok(()),
+                Some(code) => Err(kernel_error(code.get())),
+            }),
+            _ => None,
+        })
     }
 
     /// Sends a request for one object and waits for it.
     fn get(&mut self, msg: RouteNetlinkMessage) -> io::Result<RouteNetlinkMessage> {
         let sequence = self.send(msg, 0)?;
-        loop {
-            for reply in self.receive()? {
-                if reply.header.sequence_number != sequence {
-                    continue;
-                }
-                match reply.payload {
-                    NetlinkPayload::InnerMessage(inner) => return Ok(inner),
-                    NetlinkPayload::Error(error) => {
-                        return Err(match error.code {
-                            Some(code) => kernel_error(code.get()),
-                            None => io::Error::new(
-                                io::ErrorKind::InvalidData,
-                                "the kernel acknowledged a request for an object",
-                            ),
-                        });
-                    }
-                    _ => {}
-                }
-            }
-        }
+        self.await_replies(sequence, |payload| match payload {
+            NetlinkPayload::InnerMessage(inner) => Some(Ok(inner)),
+            NetlinkPayload::Error(error) => Some(Err(match error.code {
+                Some(code) => kernel_error(code.get()),
+                None => io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "the kernel acknowledged a request for an object",
+                ),
+            })),
+            _ => None,
+        })
     }
 
     /// Sends a dump request and collects every reply until the kernel says it is done.
     fn dump(&mut self, msg: RouteNetlinkMessage) -> io::Result<Vec<RouteNetlinkMessage>> {
         let sequence = self.send(msg, NLM_F_DUMP)?;
         let mut replies = Vec::new();
+        self.await_replies(sequence, |payload| match payload {
+            NetlinkPayload::InnerMessage(inner) => {
+                replies.push(inner);
+                None
+            }
+            NetlinkPayload::Done(_) => Some(Ok(std::mem::take(&mut replies))),
+            NetlinkPayload::Error(error) => error.code.map(|code| Err(kernel_error(code.get()))),
+            _ => None,
+        })
+    }
+
+    /// Reads the kernel's replies to request `sequence`, handing each to `on_reply`, until it
+    /// returns the request's outcome. Replies to other requests are skipped.
+    fn await_replies<T>(
+        &mut self,
+        sequence: u32,
+        mut on_reply: impl FnMut(NetlinkPayload<RouteNetlinkMessage>) -> Option<io::Result<T>>,
+    ) -> io::Result<T> {
         loop {
             for reply in self.receive()? {
                 if reply.header.sequence_number != sequence {
                     continue;
                 }
-                match reply.payload {
-                    NetlinkPayload::InnerMessage(inner) => replies.push(inner),
-                    NetlinkPayload::Done(_) => return Ok(replies),
-                    NetlinkPayload::Error(error) => {
-                        if let Some(code) = error.code {
-                            return Err(kernel_error(code.get()));
-                        }
-                    }
-                    _ => {}
+                if let Some(outcome) = on_reply(reply.payload) {
+                    return outcome;
                 }
             }
         }
