@@ -25,16 +25,16 @@ const TCP_HEADER_MIN: usize = 20;
 
 /// Where a frame's TCP segment is: its bounds in the frame and the bytes of
 /// the pseudo-header sum (addresses, protocol, length).
-struct TcpSegment {
-    start: usize,
-    end: usize,
+pub struct TcpSegment {
+    pub start: usize,
+    pub end: usize,
     pseudo_sum: u64,
 }
 
 /// Finds the TCP segment of an unfragmented IPv4 frame; `None` for anything
 /// else (including frames too short for what their headers claim, which
 /// smoltcp then drops itself).
-fn tcp_segment(frame: &[u8]) -> Option<TcpSegment> {
+pub fn tcp_segment(frame: &[u8]) -> Option<TcpSegment> {
     let ethertype = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
     if ethertype != ETHERTYPE_IPV4 {
         return None;

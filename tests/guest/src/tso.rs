@@ -66,23 +66,16 @@ pub struct Segment {
 impl Segment {
     /// The segment in `frame`, if it is one of that kind and its lengths add up.
     pub fn parse(frame: &[u8]) -> Option<Segment> {
-        if frame.len() < TCP_START + 20 || frame[12..14] != [0x08, 0x00] {
+        // An unfragmented IPv4 TCP segment (checksum.rs checks that and the
+        // lengths), with no IP options and nothing after the packet.
+        let tcp = checksum::tcp_segment(frame)?;
+        if tcp.start != TCP_START || tcp.end != frame.len() {
             return None;
         }
-        let ip = &frame[ETHERNET_HEADER..];
-        let fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff;
-        if ip[0] != 0x45 || ip[9] != 6 || fragment != 0 {
-            return None;
-        }
-        let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
         let tcp_header = usize::from(frame[TCP_DATA_OFFSET] >> 4) * 4;
         let headers = TCP_START + tcp_header;
         let flags = frame[TCP_FLAGS];
-        if ETHERNET_HEADER + total != frame.len()
-            || tcp_header < 20
-            || headers >= frame.len()
-            || flags & !TCP_PSH != TCP_ACK
-        {
+        if tcp_header < 20 || headers >= frame.len() || flags & !TCP_PSH != TCP_ACK {
             return None;
         }
         Some(Segment {
