@@ -42,9 +42,10 @@ or "nvmm: NAMES already built", "nvmm: NAME runs in the background"), each times
 arrival, and from when each VM's directory appears (its daemon is being forked).
 All run N rounds, alternating, after one discarded warm-up each (the warm-up `nvmm up` also
 writes the guest module, the ssh keys and the network state, and puts the runners in the
-store; run and qemu warm up once more with the command line it showed). Everything runs inside a network namespace made for the run, nix with
-NIX_CONFIG='substituters =' and nvmm with temporary NVMM_RUNTIME_DIR/NVMM_STATE_DIR, the
-runtime one on a tmpfs of its own, as root's /run/nvmm is on a Debian host (see lib.sh).
+store; run and qemu warm up once more with the command line it showed). Everything runs
+inside a network namespace made for the run, nix with NIX_CONFIG='substituters =' and nvmm
+with temporary NVMM_RUNTIME_DIR/NVMM_STATE_DIR, the runtime one on a tmpfs of its own, as
+root's /run/nvmm is on a Debian host (see lib.sh).
 Reported: p50 of each figure and the ratios up/qemu and run/qemu. Compare ratios, not absolute
 times: shared machines are noisy, and on kvm-pvm hosts the guest's instructions are emulated.
 
