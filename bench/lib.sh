@@ -53,8 +53,9 @@ bench_setup() {
         # The guest cli/build.rs built for this nvmm binary, else for the default one.
         for dir in "$(dirname "$nvmm")" "$(dirname "$NVMM_RELEASE_BIN")"; do
             # shellcheck disable=SC2012 # build paths are plain; ls -t gives the newest
+            # (ls fails where there is none: under set -e and pipefail, that must not exit)
             guest=$(ls -t "$dir"/build/nvmm-*/out/guest/release/nvmm-test-guest 2>/dev/null |
-                head -n 1)
+                head -n 1) || true
             [[ -z $guest ]] || break
         done
     fi
