@@ -99,6 +99,10 @@ pub fn start_targets(args: &BootArgs, targets: &Targets) -> Result<Outcome, CliE
         false => (Some(&targets.runners[0]), &targets.runners[1..]),
     };
     let attached_joined = attached.and_then(|_| joined.next());
+    // Asked once here, inherited by every fork. Where it fails, each VM reports why.
+    if let Ok(kvm) = nvmm_vmm::kvm::open_kvm() {
+        let _ = nvmm_vmm::kvm::supported_cpuid(&kvm);
+    }
     // Forked all at once, so that they set up side by side; then waited for in order.
     let mut starting = Vec::new();
     for ((name, runner), membership) in background.iter().zip(joined.by_ref()) {

@@ -39,7 +39,6 @@ pub use config::{
     VirtioDiscovery, VmConfig,
 };
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
-use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, VmFd};
 use nvmm_devices::lock;
 use vm_memory::GuestMemoryMmap;
@@ -364,9 +363,7 @@ fn configure_vcpus(
     entry: boot::KernelEntry,
     config: &VmConfig,
 ) -> Result<Vec<Vcpu>, Error> {
-    let supported_cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| KvmError::Setup("read the supported CPUID", e))?;
+    let supported_cpuid = kvm::supported_cpuid(kvm)?;
     let mut vcpus = Vec::with_capacity(fds.len());
     for (index, fd) in (0u8..).zip(fds) {
         let vcpu = Vcpu::new(
