@@ -5,17 +5,19 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use linux_loader::cmdline::Cmdline;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::elf::{Elf64_Ehdr, Elf64_Phdr, PT_LOAD};
 use linux_loader::loader::bootparam::{boot_params, setup_header};
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::device_manager::VirtioSlot;
-use crate::layout;
+use crate::{kvm, layout};
 
 /// The command line nvmm always gives the kernel, before the user's:
 /// - `console=ttyS0`: kernel messages and the first console on the 8250 UART (COM1). With
@@ -37,6 +39,8 @@ const DEFAULT_CMDLINE_CAPACITY: usize = 2048;
 const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
 const BOOT_FLAG_MAGIC: u16 = 0xaa55;
 const HDRS_MAGIC: u32 = 0x5372_6448; // "HdrS"
+/// Where a bzImage's setup header starts (boot protocol: offset 0x1f1 of the file).
+const SETUP_HEADER_OFFSET: u64 = 0x1f1;
 const LOADER_TYPE_UNDEFINED: u8 = 0xff;
 const KERNEL_ALIGNMENT: u32 = 0x100_0000;
 /// The 64-bit entry of a bzImage is 0x200 bytes into its protected-mode code.
@@ -158,6 +162,18 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
         source,
     };
     let highmem = Some(GuestAddress(layout::HIGH_MEMORY_START));
+    // Where the image goes, told to guest memory before it is copied. A file these cannot
+    // read gets no advice; the loader says what is wrong with it.
+    let copies = if is_elf {
+        elf_copy_ranges(&mut file).unwrap_or_default()
+    } else if is_bzimage {
+        bzimage_copy_range(&mut file).into_iter().collect()
+    } else {
+        Vec::new()
+    };
+    for range in copies {
+        kvm::small_pages_at_edges(mem, range);
+    }
     if is_elf {
         let result = Elf::load(mem, None, &mut file, highmem).map_err(load_err)?;
         Ok(LoadedKernel {
@@ -181,6 +197,41 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
     } else {
         Err(BootError::UnknownKernelFormat(path.to_owned()))
     }
+}
+
+/// Where `Elf::load` copies an ELF kernel: each loadable segment's bytes in the file, at its
+/// physical address (the zero-filled rest of a segment is left to fresh memory).
+fn elf_copy_ranges(file: &mut File) -> std::io::Result<Vec<Range<u64>>> {
+    let mut header = Elf64_Ehdr::default();
+    file.seek(SeekFrom::Start(0))?;
+    file.read_exact(header.as_mut_slice())?;
+    file.seek(SeekFrom::Start(header.e_phoff))?;
+    let mut ranges = Vec::new();
+    for _ in 0..header.e_phnum {
+        let mut segment = Elf64_Phdr::default();
+        file.read_exact(segment.as_mut_slice())?;
+        if segment.p_type == PT_LOAD {
+            let start = segment.p_paddr;
+            ranges.push(start..start.saturating_add(segment.p_filesz));
+        }
+    }
+    Ok(ranges)
+}
+
+/// Where `BzImage::load` copies a bzImage's protected-mode kernel: everything after the
+/// setup sectors, to `code32_start`.
+fn bzimage_copy_range(file: &mut File) -> std::io::Result<Range<u64>> {
+    let len = file.seek(SeekFrom::End(0))?;
+    let mut header = setup_header::default();
+    file.seek(SeekFrom::Start(SETUP_HEADER_OFFSET))?;
+    file.read_exact(header.as_mut_slice())?;
+    // The boot protocol's rule for a zero count.
+    let setup_sectors = match header.setup_sects {
+        0 => 4,
+        n => u64::from(n),
+    };
+    let start = u64::from(header.code32_start);
+    Ok(start..start.saturating_add(len.saturating_sub((setup_sectors + 1) * 512)))
 }
 
 fn has_bzimage_header(file: &mut File) -> std::io::Result<bool> {
@@ -246,6 +297,7 @@ pub fn load_initrd(
         .filter(|s| *s >= lowest)
         .ok_or_else(too_large)?;
     let len = usize::try_from(size).map_err(|_| too_large())?;
+    kvm::small_pages_at_edges(mem, start..start + size);
     mem.read_exact_volatile_from(GuestAddress(start), &mut file, len)
         .map_err(|source| BootError::CopyInitrd {
             path: path.to_owned(),
@@ -560,5 +612,67 @@ mod tests {
                 if source.raw_os_error() == Some(libc::EISDIR)),
             "{err:?}"
         );
+    }
+
+    fn temp_file(name: &str, bytes: &[u8]) -> (PathBuf, File) {
+        let path = std::env::temp_dir().join(format!("nvmm-{name}-{}", std::process::id()));
+        std::fs::write(&path, bytes).unwrap();
+        let file = File::open(&path).unwrap();
+        (path, file)
+    }
+
+    #[test]
+    fn an_elf_kernel_is_copied_where_its_loadable_segments_say() {
+        let phdr_size = std::mem::size_of::<Elf64_Phdr>();
+        let header = Elf64_Ehdr {
+            e_phoff: 64,
+            e_phentsize: phdr_size as u16,
+            e_phnum: 3,
+            ..Default::default()
+        };
+        let segment = |p_type, p_paddr, p_filesz| Elf64_Phdr {
+            p_type,
+            p_paddr,
+            p_filesz,
+            p_memsz: p_filesz + 0x1000,
+            ..Default::default()
+        };
+        let mut bytes = header.as_slice().to_vec();
+        bytes.resize(64, 0);
+        for phdr in [
+            segment(PT_LOAD, 0x20_0000, 0x1_e754),
+            segment(4, 0x21_e73c, 0x18), // PT_NOTE: not copied
+            segment(PT_LOAD, 0x21_f000, 0x7210),
+        ] {
+            bytes.extend_from_slice(phdr.as_slice());
+        }
+        let (path, mut file) = temp_file("elf-ranges", &bytes);
+        assert_eq!(
+            elf_copy_ranges(&mut file).unwrap(),
+            vec![0x20_0000..0x21_e754, 0x21_f000..0x22_6210]
+        );
+        // Cut short: no ranges, and the loader reports the file.
+        let (short_path, mut short) = temp_file("elf-ranges-short", &bytes[..64 + phdr_size]);
+        assert!(elf_copy_ranges(&mut short).is_err());
+        std::fs::remove_file(&path).unwrap();
+        std::fs::remove_file(&short_path).unwrap();
+    }
+
+    #[test]
+    fn a_bzimage_kernel_is_copied_after_its_setup_sectors_to_code32_start() {
+        let header = setup_header {
+            setup_sects: 27,
+            code32_start: 0x10_0000,
+            ..Default::default()
+        };
+        let mut bytes = vec![0u8; SETUP_HEADER_OFFSET as usize];
+        bytes.extend_from_slice(header.as_slice());
+        bytes.resize(28 * 512 + 5000, 0);
+        let (path, mut file) = temp_file("bzimage-range", &bytes);
+        assert_eq!(
+            bzimage_copy_range(&mut file).unwrap(),
+            0x10_0000..0x10_0000 + 5000
+        );
+        std::fs::remove_file(&path).unwrap();
     }
 }
