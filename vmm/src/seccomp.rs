@@ -482,8 +482,8 @@ pub fn vcpu(console_log: bool) -> Allowlist {
 }
 
 /// The event-loop thread while it serves the VM ([`crate::Vm::run_until_exit`]) and as the VM
-/// is dropped: epoll; eventfds; stdin and stdout; TIOCGWINSZ; virtio-blk's positional vectored
-/// I/O, fdatasync and fallocate (and pwrite when zeroing falls back to writing); the tap; a
+/// is dropped: epoll; eventfds; stdin and stdout; TIOCGWINSZ; virtio-blk's positional I/O
+/// (pread, pwrite, preadv, pwritev), fdatasync and fallocate; the tap; a
 /// background VM's console socket (accept, timeouts, non-blocking recv, dup for the output
 /// side, shutdown) and log rotation; the coalesced serial output's replay timer; kicking vCPU
 /// threads (SIGRTMIN) and sleeping between kicks.
@@ -497,6 +497,7 @@ pub fn event_loop() -> Allowlist {
         SYS_read,
         SYS_preadv,
         SYS_pwritev,
+        SYS_pread64,
         SYS_pwrite64,
         SYS_fdatasync,
         SYS_fallocate,

@@ -1,5 +1,6 @@
-//! The block I/O engine: synchronous, positional and vectored (`preadv`/`pwritev`) straight
-//! between the disk file and guest memory. [`FileEngine`] is the seam for a future async engine.
+//! The block I/O engine: synchronous and positional (`pread`/`pwrite` for one buffer,
+//! `preadv`/`pwritev` for more), straight between the disk file and guest memory.
+//! [`FileEngine`] is the seam for a future async engine.
 
 use std::fs::File;
 use std::io;
@@ -78,7 +79,7 @@ enum Direction {
     Write,
 }
 
-/// `preadv`/`pwritev` on one file.
+/// `pread`/`pwrite` and `preadv`/`pwritev` on one file.
 #[derive(Debug)]
 pub struct SyncFileEngine {
     file: File,
@@ -120,9 +121,17 @@ impl SyncFileEngine {
             // that `mem`, borrowed for this whole call, keeps alive; the kernel reads or writes
             // at most those bytes and keeps no pointer after returning.
             let done = unsafe {
-                match direction {
-                    Direction::Read => libc::preadv(fd, pending.as_ptr(), count as i32, offset_arg),
-                    Direction::Write => {
+                let one = pending[0];
+                match (direction, count) {
+                    // One buffer (a 4 KiB request): no iovec for the kernel to import.
+                    (Direction::Read, 1) => libc::pread(fd, one.iov_base, one.iov_len, offset_arg),
+                    (Direction::Write, 1) => {
+                        libc::pwrite(fd, one.iov_base, one.iov_len, offset_arg)
+                    }
+                    (Direction::Read, _) => {
+                        libc::preadv(fd, pending.as_ptr(), count as i32, offset_arg)
+                    }
+                    (Direction::Write, _) => {
                         libc::pwritev(fd, pending.as_ptr(), count as i32, offset_arg)
                     }
                 }
