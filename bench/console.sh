@@ -51,7 +51,8 @@ bench_setup "$only"
 
 exec python3 - "$runs" "$kib" "$keys" "$nvmm" "$guest" "$only" "$json" <<'PY'
 """Console throughput and keystroke latency on a pseudo-terminal."""
-import json, os, pty, select, statistics, subprocess, sys, threading, time, tty
+import faulthandler, json, os, pty, select, signal, statistics, subprocess, sys, threading, time
+import tty
 
 from markers import QEMU_DEBUGCON, time_markers
 
@@ -60,6 +61,18 @@ nvmm, guest, only, json_path = sys.argv[4:8]
 TIMEOUT_S = 120.0
 # How long a keystroke may go without its echo (resent every 0.5 s meanwhile).
 ECHO_TIMEOUT_S = 10.0
+# Past this, one flood or round-trip run is stuck where no timeout above reaches (a full
+# bench/run once hung here for 300 s with nothing on stderr): every thread's stack is printed
+# and the run fails, its monitor killed on the way out, so the next hang says where it was.
+RUN_LIMIT_S = int(TIMEOUT_S) + 30
+
+
+def stuck(signum, frame):
+    faulthandler.dump_traceback(all_threads=True)
+    raise TimeoutError(f"bench/console.sh: a run went on for over {RUN_LIMIT_S} s")
+
+
+signal.signal(signal.SIGALRM, stuck)
 # Where QEMU's serial port goes while the virtio console has the terminal.
 REPORT = f"/tmp/nvmm-console-bench-{os.getpid()}.serial"
 
@@ -168,8 +181,11 @@ results = {n: {t: {"mbps": [], "rtt_p50": [], "rtt_p90": []} for t in targets} f
 for i in range(runs):
     for name in names if i % 2 == 0 else list(reversed(names)):
         for target in targets:
+            signal.alarm(RUN_LIMIT_S)
             results[name][target]["mbps"].append(flood(name, target))
+            signal.alarm(RUN_LIMIT_S)
             p50, p90 = rtt(name, target)
+            signal.alarm(0)
             results[name][target]["rtt_p50"].append(p50)
             results[name][target]["rtt_p90"].append(p90)
 
