@@ -103,20 +103,17 @@ pub fn create_guest_memory(mem_mib: u64) -> Result<GuestMemoryMmap, KvmError> {
         // asks for the same).
         advise(region.as_ptr(), region.len() as usize, libc::MADV_HUGEPAGE);
     }
-    // All but the first 2 MiB, which nvmm writes a few scattered pages of (layout.rs). With
-    // 16 test guests started at once, that huge page's zeroing was 9% of all CPU time.
-    if let Some(low) = mem.iter().next() {
-        let small = (low.len()).min(layout::SMALL_PAGES_END) as usize;
-        advise(low.as_ptr(), small, libc::MADV_NOHUGEPAGE);
-    }
+    // The boot structures below 1 MiB (layout.rs) are a few scattered pages: with 16 test
+    // guests started at once, zeroing the huge page around them was 9% of all CPU time.
+    small_pages_at_edges(&mem, 0..layout::HIGH_MEMORY_START);
     Ok(mem)
 }
 
-/// Huge pages only where nvmm's copies fill them: the 2 MiB chunks that `range`, about to be
-/// copied into, covers only in part go on 4 KiB pages, as a huge page there would be zeroed
-/// whole to hold a fraction of the copy. For the 150 KiB test guest kernel that zeroing was
+/// Huge pages only where nvmm's writes fill them: the 2 MiB chunks that `range`, about to be
+/// written, covers only in part go on 4 KiB pages, as a huge page there would be zeroed
+/// whole to hold a fraction of the write. For the 150 KiB test guest kernel that zeroing was
 /// half of each VM's own set-up time with 16 starting at once on kvm-pvm. Chunks that the
-/// copy fills stay huge.
+/// write fills stay huge.
 pub fn small_pages_at_edges(mem: &GuestMemoryMmap, range: Range<u64>) {
     if range.is_empty() {
         return;
@@ -240,7 +237,7 @@ mod tests {
         let mem = create_guest_memory(64).unwrap();
         let region = mem.iter().next().unwrap();
         let base = region.as_ptr() as usize;
-        let small = layout::SMALL_PAGES_END as usize;
+        let small = HUGE_PAGE as usize;
         // madvise splits the mapping: its own flags for the low part, huge pages above.
         let (low, rest) = (vm_flags(base), vm_flags(base + small));
         assert!(low.contains(" nh"), "{low}");

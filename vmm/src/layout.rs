@@ -35,10 +35,6 @@ pub const ACPI_START: u64 = 0xe0000;
 pub const ACPI_END: u64 = HIGH_MEMORY_START;
 /// Kernels load at or above 1 MiB.
 pub const HIGH_MEMORY_START: u64 = 0x10_0000;
-/// Guest RAM below this stays on 4 KiB host pages (the rest may get transparent huge pages):
-/// it is one huge page that holds only the few pages of boot structures above and a
-/// bzImage's first MiB, and faulting it in as a huge page zeroes all 2 MiB to write those.
-pub const SMALL_PAGES_END: u64 = 0x20_0000;
 /// Start of the 32-bit MMIO hole; guest RAM never overlaps it.
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 /// RAM beyond [`MMIO_HOLE_START`] continues here.
