@@ -453,6 +453,13 @@ mod tests {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (mib << 20) as usize)]).unwrap()
     }
 
+    /// `bytes` in a file of the temporary directory named after `name` and this process.
+    fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("nvmm-{name}-{}", std::process::id()));
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
     fn elf_kernel() -> LoadedKernel {
         LoadedKernel {
             entry: GuestAddress(0x20_0000),
@@ -514,8 +521,7 @@ mod tests {
 
     #[test]
     fn initrd_goes_to_the_top_of_ram_page_aligned() {
-        let dir = std::env::temp_dir().join(format!("nvmm-initrd-{}", std::process::id()));
-        std::fs::write(&dir, vec![0xabu8; 5000]).unwrap();
+        let dir = temp_file("initrd", &[0xab; 5000]);
         let mem = mem(16);
         let loc = load_initrd(&mem, &elf_kernel(), &dir, 16 << 20).unwrap();
         assert_eq!(loc.size, 5000);
@@ -541,8 +547,7 @@ mod tests {
         // Found by fuzz/boot_writers: an ELF segment with p_memsz near 2^64 made rounding the
         // kernel's end up to a page overflow (a panic in debug builds, an initrd over the
         // kernel in release builds).
-        let path = std::env::temp_dir().join(format!("nvmm-initrd-top-{}", std::process::id()));
-        std::fs::write(&path, [0u8; 100]).unwrap();
+        let path = temp_file("initrd-top", &[0; 100]);
         let kernel = LoadedKernel {
             end: u64::MAX - 10,
             ..elf_kernel()
@@ -597,8 +602,7 @@ mod tests {
 
     #[test]
     fn non_kernels_are_rejected() {
-        let path = std::env::temp_dir().join(format!("nvmm-notakernel-{}", std::process::id()));
-        std::fs::write(&path, b"#!/bin/sh\necho hi\n").unwrap();
+        let path = temp_file("notakernel", b"#!/bin/sh\necho hi\n");
         let err = load_kernel(&mem(16), &path).unwrap_err();
         assert!(matches!(err, BootError::UnknownKernelFormat(_)));
         std::fs::remove_file(&path).unwrap();
@@ -612,13 +616,6 @@ mod tests {
                 if source.raw_os_error() == Some(libc::EISDIR)),
             "{err:?}"
         );
-    }
-
-    fn temp_file(name: &str, bytes: &[u8]) -> (PathBuf, File) {
-        let path = std::env::temp_dir().join(format!("nvmm-{name}-{}", std::process::id()));
-        std::fs::write(&path, bytes).unwrap();
-        let file = File::open(&path).unwrap();
-        (path, file)
     }
 
     #[test]
@@ -646,14 +643,14 @@ mod tests {
         ] {
             bytes.extend_from_slice(phdr.as_slice());
         }
-        let (path, mut file) = temp_file("elf-ranges", &bytes);
+        let path = temp_file("elf-ranges", &bytes);
         assert_eq!(
-            elf_copy_ranges(&mut file).unwrap(),
+            elf_copy_ranges(&mut File::open(&path).unwrap()).unwrap(),
             vec![0x20_0000..0x21_e754, 0x21_f000..0x22_6210]
         );
         // Cut short: no ranges, and the loader reports the file.
-        let (short_path, mut short) = temp_file("elf-ranges-short", &bytes[..64 + phdr_size]);
-        assert!(elf_copy_ranges(&mut short).is_err());
+        let short_path = temp_file("elf-ranges-short", &bytes[..64 + phdr_size]);
+        assert!(elf_copy_ranges(&mut File::open(&short_path).unwrap()).is_err());
         std::fs::remove_file(&path).unwrap();
         std::fs::remove_file(&short_path).unwrap();
     }
@@ -668,9 +665,9 @@ mod tests {
         let mut bytes = vec![0u8; SETUP_HEADER_OFFSET as usize];
         bytes.extend_from_slice(header.as_slice());
         bytes.resize(28 * 512 + 5000, 0);
-        let (path, mut file) = temp_file("bzimage-range", &bytes);
+        let path = temp_file("bzimage-range", &bytes);
         assert_eq!(
-            bzimage_copy_range(&mut file).unwrap(),
+            bzimage_copy_range(&mut File::open(&path).unwrap()).unwrap(),
             0x10_0000..0x10_0000 + 5000
         );
         std::fs::remove_file(&path).unwrap();
