@@ -101,17 +101,21 @@ impl SyncFileEngine {
         mem: &GuestMemoryMmap,
         bufs: &[(GuestAddress, u32)],
     ) -> io::Result<()> {
-        let mut iovecs = bufs
-            .iter()
-            .map(|&(addr, len)| {
-                mem.get_slice(addr, len as usize).map(|slice| libc::iovec {
-                    iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                    iov_len: slice.len(),
-                })
-            })
-            .collect::<Result<Vec<libc::iovec>, _>>()
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let mut pending: &mut [libc::iovec] = &mut iovecs;
+        // A request with one buffer (a 4 KiB read) builds its iovec on the stack.
+        let (mut one, mut many);
+        let mut pending: &mut [libc::iovec] = match *bufs {
+            [(addr, len)] => {
+                one = [guest_iovec(mem, addr, len)?];
+                &mut one
+            }
+            _ => {
+                many = bufs
+                    .iter()
+                    .map(|&(addr, len)| guest_iovec(mem, addr, len))
+                    .collect::<io::Result<Vec<libc::iovec>>>()?;
+                &mut many
+            }
+        };
         while !pending.is_empty() {
             let count = pending.len().min(IOV_MAX);
             let fd = self.file.as_raw_fd();
@@ -189,6 +193,17 @@ impl SyncFileEngine {
         }
         Ok(())
     }
+}
+
+/// The host address and length of a guest buffer, which must lie in one memory region.
+fn guest_iovec(mem: &GuestMemoryMmap, addr: GuestAddress, len: u32) -> io::Result<libc::iovec> {
+    let slice = mem
+        .get_slice(addr, len as usize)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    Ok(libc::iovec {
+        iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+        iov_len: slice.len(),
+    })
 }
 
 /// Drops the first `done` bytes from a list of iovecs.
