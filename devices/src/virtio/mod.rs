@@ -211,6 +211,23 @@ pub fn pop_chain<'m>(
     Ok(queue.iter(mem)?.next())
 }
 
+/// Hands up to `max` chains the driver made available to `take`, with one read of the
+/// available index for all of them; returns how many. Errors as [`pop_chain`].
+pub fn pop_chains<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+    max: usize,
+    mut take: impl FnMut(DescriptorChain<&'m GuestMemoryMmap>),
+) -> Result<usize, virtio_queue::Error> {
+    use virtio_queue::QueueOwnedT;
+    let mut popped = 0;
+    for chain in queue.iter(mem)?.take(max) {
+        take(chain);
+        popped += 1;
+    }
+    Ok(popped)
+}
+
 /// Gives chain `head` back to the driver, `len` bytes written into it.
 ///
 /// virtio-queue's `add_used` logs an error on every head index outside the queue, and only a
@@ -285,6 +302,34 @@ mod tests {
         assert_eq!(data, [0; 4]);
         read_config_bytes(&config, u64::MAX, &mut data);
         assert_eq!(data, [0; 4]);
+    }
+
+    #[test]
+    fn chains_are_popped_at_most_max_at_a_time_from_one_look_at_the_ring() {
+        use vm_memory::GuestAddress;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let (mut queue, mut ring) = test_ring::TestRing::new(&mem, 0, 16);
+        for i in 0..5 {
+            ring.add_chain(&mem, &[(0x8000 + 0x100 * i, 16, false)]);
+        }
+        let mut heads = Vec::new();
+        let pop = |queue: &mut Queue, heads: &mut Vec<u16>, max| {
+            pop_chains(queue, &mem, max, |chain| heads.push(chain.head_index())).unwrap()
+        };
+        assert_eq!(pop(&mut queue, &mut heads, 3), 3);
+        // A chain made available after the look at the ring waits for the next one.
+        let mut late_heads = Vec::new();
+        let late = pop_chains(&mut queue, &mem, 8, |chain| {
+            late_heads.push(chain.head_index());
+            if late_heads.len() == 1 {
+                ring.add_chain(&mem, &[(0x9000, 16, false)]);
+            }
+        })
+        .unwrap();
+        assert_eq!((late, late_heads), (2, vec![3, 4]));
+        assert_eq!(pop(&mut queue, &mut heads, 8), 1);
+        assert_eq!(pop(&mut queue, &mut heads, 8), 0);
+        assert_eq!(heads, [0, 1, 2, 5]);
     }
 
     #[test]
