@@ -18,14 +18,17 @@ that this harness timestamps:
   rand read   N random 4 KiB reads, queue depth up to 32          (markers 0x24 .. 0x25)
 nvmm exposes the markers in its -v log on stderr, QEMU through an isa-debugcon on port 0x80.
 Both use the same scratch file (buffered host I/O: nvmm's default, QEMU's cache=writeback).
-The host row is the same work done by this harness with pread/pwrite on that file.
-Each monitor runs N times (alternating); the table shows medians and nvmm/QEMU ratios.
+The host row is the same work done by this harness with pread/pwrite on that file, once right
+after every monitor run.
+Each monitor runs N times (alternating); the table shows medians and nvmm/QEMU ratios. nvmm/host
+is the median of N paired ratios, each nvmm run against the host run right after it: this
+machine's speed drifts by tens of percent within seconds, more than between neighbouring runs.
 Target: nvmm >= 1.0x QEMU on every figure; the ratio to the host figure is reported.
 
 Options:
   -n N          runs per monitor (default 3)
   --mib MIB     sequential size (default 256)
-  --ios N       random reads (default 20000)
+  --ios N       random reads (default 100000)
   --dir DIR     where the scratch disk goes (default /var/tmp)
   --nvmm PATH   nvmm binary (default target/x86_64-unknown-linux-gnu/release/nvmm, the static
                 build of scripts/lib.sh build_release_nvmm, built if missing)
@@ -39,7 +42,7 @@ USAGE
 # shellcheck source=bench/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-runs=3 mib=256 ios=20000 dir=/var/tmp nvmm='' guest=${NVMM_TEST_GUEST:-} only='' json=''
+runs=3 mib=256 ios=100000 dir=/var/tmp nvmm='' guest=${NVMM_TEST_GUEST:-} only='' json=''
 while [[ $# -gt 0 ]]; do
     case $1 in
         -h | --help) usage; exit 0 ;;
@@ -128,10 +131,12 @@ def host_once():
 try:
     names = [n for n in ("nvmm", "qemu") if only in ("", n)]
     samples = {n: [] for n in names + ["host"]}
+    host_after = {n: [] for n in names}
     for i in range(runs):
         for name in names if i % 2 == 0 else list(reversed(names)):
             samples[name].append(run_once(name))
-        samples["host"].append(host_once())
+            host_after[name].append(host_once())
+            samples["host"].append(host_after[name][-1])
 finally:
     os.unlink(disk)
 
@@ -144,7 +149,8 @@ if len(names) == 2:
 if "nvmm" in names:
     header += f"{'nvmm/host':>11}"
 print(header)
-result = {"runs": runs, "mib": mib, "ios": ios, "median": table, "samples": samples}
+result = {"runs": runs, "mib": mib, "ios": ios, "median": table, "samples": samples,
+          "host_after": host_after}
 for label, *_ in PHASES:
     row = f"{label:20}" + "".join(f"{table[n][label]:10.1f}" for n in samples)
     if len(names) == 2:
@@ -152,7 +158,8 @@ for label, *_ in PHASES:
         result.setdefault("ratio_nvmm_over_qemu", {})[label] = r
         row += f"{r:11.2f}"
     if "nvmm" in names:
-        h = table["nvmm"][label] / table["host"][label]
+        h = statistics.median(run[label] / host[label]
+                              for run, host in zip(samples["nvmm"], host_after["nvmm"]))
         result.setdefault("ratio_nvmm_over_host", {})[label] = h
         row += f"{h:11.2f}"
     print(row)
