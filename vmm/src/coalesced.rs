@@ -15,8 +15,10 @@
 //! driver writes right after its status read; its next read replays the rest, so the timer
 //! only matters once output stops), every 250 µs while the UART's transmit interrupt is
 //! enabled (Linux enables it only while it has output queued, and waits for the interrupt
-//! that the replayed write raises), and otherwise every 50 ms, as a backstop for a guest that
-//! writes without reading first.
+//! that the replayed write raises), and otherwise as a backstop for a guest that writes
+//! without reading first: 50 ms after the guest's last output, doubling each time the timer
+//! finds nothing, up to a second, so that an idle VM's event loop wakes once a second rather
+//! than twenty times.
 
 use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
@@ -40,8 +42,10 @@ const UART: std::ops::Range<u64> = COM1..COM1 + COM1_LEN;
 const REPLAY_FOR_INTERRUPT: Duration = Duration::from_micros(250);
 /// How soon writes queued after an exit at the UART are replayed if no exit comes first.
 const REPLAY_AFTER_EXIT: Duration = Duration::from_millis(1);
-/// How late a write that no exit follows is replayed at worst.
+/// How late a write that no exit follows is replayed at worst, soon after earlier output.
 const REPLAY_BACKSTOP: Duration = Duration::from_millis(50);
+/// How late it is replayed at worst after a quiet spell: the backstop doubles up to this.
+const REPLAY_BACKSTOP_IDLE: Duration = Duration::from_secs(1);
 
 /// The mapped ring page.
 #[derive(Debug)]
@@ -151,7 +155,7 @@ impl CoalescedRing {
 pub struct CoalescedWrites {
     ring: Mutex<CoalescedRing>,
     io: Peripherals,
-    timer: Mutex<TimerFd>,
+    timer: Mutex<ReplayTimerFd>,
     /// The timer is set to replay soon (not the backstop) and has not fired yet.
     soon: AtomicBool,
     /// The UART's transmit interrupt is enabled: the guest may wait for its writes to be seen.
@@ -176,7 +180,10 @@ impl CoalescedWrites {
         let writes = Self {
             ring: Mutex::new(ring),
             io,
-            timer: Mutex::new(timer),
+            timer: Mutex::new(ReplayTimerFd {
+                fd: timer,
+                backstop: REPLAY_BACKSTOP,
+            }),
             soon: AtomicBool::new(false),
             transmit_interrupt,
         };
@@ -219,22 +226,56 @@ impl CoalescedWrites {
     }
 
     /// The timer fired: replays, and sets it again: soon while the guest waits for the
-    /// transmit interrupt, else the backstop.
+    /// transmit interrupt, else the backstop, which grows while the guest is quiet.
     fn on_timer(&self) {
-        self.soon.store(false, Ordering::Release);
-        self.replay();
-        if !self.transmit_interrupt.load(Ordering::Acquire) {
-            self.set_timer(REPLAY_BACKSTOP);
-        } else if !self.soon.swap(true, Ordering::AcqRel) {
-            self.set_timer(REPLAY_FOR_INTERRUPT);
+        let was_soon = self.soon.swap(false, Ordering::AcqRel);
+        let replayed = self.replay();
+        if self.transmit_interrupt.load(Ordering::Acquire) {
+            if !self.soon.swap(true, Ordering::AcqRel) {
+                self.set_timer(REPLAY_FOR_INTERRUPT);
+            }
+            return;
         }
+        let mut timer = self.timer.lock().unwrap_or_else(PoisonError::into_inner);
+        // A vCPU's exit since the swap above set the timer to replay soon (or is about to,
+        // behind this lock): the backstop must not push that back.
+        if self.soon.load(Ordering::Acquire) {
+            return;
+        }
+        timer.backstop = next_backstop(timer.backstop, was_soon || replayed > 0);
+        let backstop = timer.backstop;
+        timer.reset(backstop);
     }
 
     fn set_timer(&self, delay: Duration) {
-        let mut timer = self.timer.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Err(err) = timer.reset(delay, None) {
+        self.timer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .reset(delay);
+    }
+}
+
+/// The replay timer and its current backstop period.
+#[derive(Debug)]
+struct ReplayTimerFd {
+    fd: TimerFd,
+    backstop: Duration,
+}
+
+impl ReplayTimerFd {
+    fn reset(&mut self, delay: Duration) {
+        if let Err(err) = self.fd.reset(delay, None) {
             log::warn!("cannot set the serial output timer: {err}");
         }
+    }
+}
+
+/// The backstop after one that ran: the shortest again if the guest had output since the
+/// last, else twice as long, up to the idle period.
+fn next_backstop(last: Duration, guest_had_output: bool) -> Duration {
+    match guest_had_output {
+        true => REPLAY_BACKSTOP,
+        false => (last * 2).min(REPLAY_BACKSTOP_IDLE),
     }
 }
 
@@ -246,7 +287,7 @@ impl MutEventSubscriber for ReplayTimer {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         {
             let mut timer = self.0.timer.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Err(err) = timer.wait() {
+            if let Err(err) = timer.fd.wait() {
                 log::debug!("serial output timer: {err}");
             }
         }
@@ -255,7 +296,7 @@ impl MutEventSubscriber for ReplayTimer {
 
     fn init(&mut self, ops: &mut EventOps) {
         let timer = self.0.timer.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Err(err) = ops.add(Events::new(&*timer, EventSet::IN)) {
+        if let Err(err) = ops.add(Events::new(&timer.fd, EventSet::IN)) {
             log::error!("cannot watch the serial output timer: {err}");
         }
     }
@@ -327,6 +368,68 @@ mod tests {
         let count = ring.drain(|addr, is_pio, data| seen.push((addr, is_pio, data.to_vec())));
         assert_eq!(count, seen.len());
         seen
+    }
+
+    /// How long until the replay timer fires.
+    fn armed_for(writes: &CoalescedWrites) -> Duration {
+        let timer = writes.timer.lock().unwrap();
+        // SAFETY: itimerspec is plain integers, for which all zeros is a valid value.
+        let mut state: libc::itimerspec = unsafe { std::mem::zeroed() };
+        // SAFETY: timerfd_gettime fills `state`, which lives across the call.
+        let read = unsafe { libc::timerfd_gettime(timer.fd.as_raw_fd(), &mut state) };
+        assert_eq!(read, 0);
+        Duration::new(state.it_value.tv_sec as u64, state.it_value.tv_nsec as u32)
+    }
+
+    fn assert_armed_for(writes: &CoalescedWrites, period: Duration) {
+        let left = armed_for(writes);
+        assert!(
+            left <= period && left > period - period / 5,
+            "armed for {left:?}, not about {period:?}"
+        );
+    }
+
+    #[test]
+    fn the_backstop_doubles_while_the_guest_is_quiet_up_to_a_second() {
+        let mut period = REPLAY_BACKSTOP;
+        let mut periods = Vec::new();
+        for _ in 0..6 {
+            period = next_backstop(period, false);
+            periods.push(period.as_millis());
+        }
+        assert_eq!(periods, [100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(next_backstop(period, true), REPLAY_BACKSTOP);
+    }
+
+    #[test]
+    fn the_replay_timer_backs_off_while_idle_and_comes_back_with_output() {
+        let io = Peripherals {
+            pio: Arc::new(nvmm_devices::bus::Bus::new("pio")),
+            mmio: Arc::new(nvmm_devices::bus::Bus::new("mmio")),
+        };
+        let transmit_interrupt = Arc::new(AtomicBool::new(false));
+        let writes =
+            CoalescedWrites::new(CoalescedRing::anonymous(), io, transmit_interrupt).unwrap();
+        assert_armed_for(&writes, REPLAY_BACKSTOP);
+        writes.on_timer();
+        assert_armed_for(&writes, 2 * REPLAY_BACKSTOP);
+        writes.on_timer();
+        assert_armed_for(&writes, 4 * REPLAY_BACKSTOP);
+
+        // A write the guest queued without an exit: replayed, and the backstop is short again.
+        writes.ring.lock().unwrap().push(0x3f8, b"x");
+        writes.on_timer();
+        assert_eq!(writes.replay(), 0, "the timer replayed the write");
+        assert_armed_for(&writes, REPLAY_BACKSTOP);
+
+        // A status read at the UART after a quiet spell: a replay soon, then the short backstop.
+        writes.on_timer();
+        assert_armed_for(&writes, 2 * REPLAY_BACKSTOP);
+        let mut status = [0u8];
+        writes.on_exit(&Ok(VcpuExit::IoIn(0x3fd, &mut status)));
+        assert_armed_for(&writes, REPLAY_AFTER_EXIT);
+        writes.on_timer();
+        assert_armed_for(&writes, REPLAY_BACKSTOP);
     }
 
     #[test]
