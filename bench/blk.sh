@@ -27,7 +27,7 @@ Target: nvmm >= 1.0x QEMU on every figure; the ratio to the host figure is repor
 
 Options:
   -n N          runs per monitor (default 3)
-  --mib MIB     sequential size (default 256)
+  --mib MIB     sequential size, and the scratch disk's (at least 64 MiB) (default 1024)
   --ios N       random reads (default 100000)
   --dir DIR     where the scratch disk goes (default /var/tmp)
   --nvmm PATH   nvmm binary (default target/x86_64-unknown-linux-gnu/release/nvmm, the static
@@ -42,7 +42,7 @@ USAGE
 # shellcheck source=bench/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-runs=3 mib=256 ios=100000 dir=/var/tmp nvmm='' guest=${NVMM_TEST_GUEST:-} only='' json=''
+runs=3 mib=1024 ios=100000 dir=/var/tmp nvmm='' guest=${NVMM_TEST_GUEST:-} only='' json=''
 while [[ $# -gt 0 ]]; do
     case $1 in
         -h | --help) usage; exit 0 ;;
